@@ -1,0 +1,163 @@
+"""Training configuration: one dataclass, its command-line flags, and YAML config files.
+
+Precedence: built-in defaults < recipe defaults < --config FILE < flags given on the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .data import DATASETS, parse_num_labels
+from .losses import FORMULATIONS
+
+RECIPES = ("seed", "supervised")
+TRACKERS = ("wandb", "tensorboard", "none")
+LOSS_BACKENDS = ("auto", "cpp", "cuda", "torch")
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = field(default="mnist", metadata={"help": "dataset", "choices": sorted(DATASETS)})
+    recipe: str = field(default="seed", metadata={
+        "help": "seed: the semi-supervised GAN; supervised: the same D trained on the labeled images only (baseline)",
+        "choices": RECIPES})
+    formulation: str = field(default="k-logit", metadata={
+        "help": "D's loss: two-head (K-class softmax + real/fake sigmoid), k-plus-one (softmax over K+1, fake = K), "
+                "k-logit (K logits, D = Z/(Z+1))", "choices": FORMULATIONS})
+    num_labels: str = field(default="100", metadata={
+        "help": "labeled training images, balanced over the classes (a multiple of K), or 'all'"})
+    epochs: int = field(default=1, metadata={"help": "passes over the (unlabeled) training set"})
+    max_steps: int | None = field(default=None, metadata={"help": "stop after this many steps (overrides --epochs)"})
+    batch_size: int = field(default=100, metadata={
+        "help": "images per batch and process: each step D sees this many unlabeled, labeled and generated images"})
+    lr: float = field(default=2e-4, metadata={"help": "Adam learning rate for D and G"})
+    beta1: float = field(default=0.5, metadata={"help": "Adam beta1"})
+    unlabeled_weight: float = field(default=1.0, metadata={"help": "weight of the real/fake (unsupervised) D loss"})
+    seed: int = field(default=0, metadata={"help": "seed for the labeled subset, initialisation and batches"})
+    output_dir: str = field(default="runs/default", metadata={"help": "where the run writes its files"})
+    data_root: str | None = field(default=None, metadata={"help": "data root (default: $SGAN_DATA_ROOT or ./data)"})
+    tracker: str = field(default="wandb", metadata={
+        "help": "experiment tracker (wandb runs offline, under the output dir, when no API key is set)",
+        "choices": TRACKERS})
+    loss_backend: str = field(default="auto", metadata={
+        "help": "D-loss implementation: auto (fused op when available), cpp, cuda or torch "
+                "(default from $SGAN_LOSS_BACKEND)", "choices": LOSS_BACKENDS})
+    cpu: bool = field(default=False, metadata={"help": "train on the CPU even when a GPU is visible"})
+    latent_dim: int = field(default=100, metadata={"help": "size of G's input noise"})
+    g_width: int = field(default=32, metadata={"help": "G's base channel count"})
+    d_width: int = field(default=32, metadata={"help": "D's base channel count"})
+    dropout: float = field(default=0.5, metadata={"help": "dropout before D's last linear"})
+    freeze_bn_on_fakes: bool = field(default=True, metadata={
+        "help": "keep generated batches out of D's BatchNorm running statistics (used at test time)"})
+    eval_batch_size: int = field(default=1000, metadata={"help": "batch size for test-set evaluation"})
+    log_every: int = field(default=50, metadata={"help": "steps between tracker log entries"})
+
+    def validate(self) -> None:
+        """Raise ValueError with the flag to fix for values argparse cannot check."""
+        parse_num_labels(self.num_labels)
+        for f in dataclasses.fields(self):  # argparse does not check choices of values from a --config file
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{_flag(f.name)} {getattr(self, f.name)!r} is not one of {', '.join(choices)}")
+        checks = [
+            (self.epochs >= 1, "--epochs must be >= 1"),
+            (self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1"),
+            (self.batch_size >= 1, "--batch-size must be >= 1"),
+            (self.lr > 0, "--lr must be > 0"),
+            (0 <= self.beta1 < 1, "--beta1 must be in [0, 1)"),
+            (self.unlabeled_weight >= 0, "--unlabeled-weight must be >= 0"),
+            (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
+            (self.eval_batch_size >= 1, "--eval-batch-size must be >= 1"),
+            (self.log_every >= 1, "--log-every must be >= 1"),
+            (min(self.latent_dim, self.g_width, self.d_width) >= 1, "--latent-dim, --g-width, --d-width must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="accelerate launch launch/train.py",
+        description="Train a semi-supervised GAN (or the supervised baseline) and evaluate it on the test set.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", default=None, help="YAML file of flag values (keys as flag names); "
+                        "flags given on the command line override it")
+    for f in dataclasses.fields(TrainConfig):
+        kwargs = {"default": f.default, "help": f.metadata.get("help", "")}
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        if f.type in ("bool",):
+            if f.name == "cpu":
+                kwargs["action"] = "store_true"
+            else:
+                kwargs.update(type=_parse_bool, metavar="BOOL")
+        elif f.type in ("int",):
+            kwargs["type"] = int
+        elif f.type in ("int | None",):
+            kwargs["type"] = int
+        elif f.type in ("float",):
+            kwargs["type"] = float
+        parser.add_argument(_flag(f.name), **kwargs)
+    return parser
+
+
+def load_yaml_config(path: str) -> dict:
+    """Read a YAML config; unknown keys are an error naming them."""
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"--config {path}: no such file")
+    try:
+        values = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"--config {path}: not valid YAML ({error})") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a mapping of flag names to values")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"--config {path}: unknown keys {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    return values
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """Flags (and an optional YAML file) -> a validated TrainConfig. Exits with a usage message on errors."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config:
+        try:
+            file_values = load_yaml_config(args.config)
+        except ValueError as error:
+            parser.error(str(error))
+        parser.set_defaults(**file_values)
+        args = parser.parse_args(argv)  # command-line flags still win over the file
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    values["num_labels"] = str(values["num_labels"])
+    config = TrainConfig(**values)
+    try:
+        config.validate()
+    except ValueError as error:
+        parser.error(str(error))
+    return config
