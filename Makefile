@@ -1,0 +1,40 @@
+# sgan: `make train` and `make test` set everything up on a fresh machine (see README.md).
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+# Flags for launch/train.py, e.g. make train ARGS="--recipe supervised --epochs 2"
+ARGS ?=
+# Flags for `accelerate launch` (one process by default; see README for DDP)
+LAUNCH_ARGS ?= --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
+# Flags for pytest, e.g. make test PYTEST_ARGS="-m slow"
+PYTEST_ARGS ?=
+
+.PHONY: setup train test test-all cuda-check benchmark clean
+
+setup: $(VENV)/.installed data/MNIST/raw/.prepared
+
+# Re-run the install only when the packaging or the C++/CUDA sources change.
+$(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*) sgan/_build.py
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found: install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "setuptools>=64" wheel
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test]"
+	touch $@
+
+data/MNIST/raw/.prepared: $(VENV)/.installed
+	$(PY) -m sgan.data prepare --dataset mnist --root data
+	touch $@
+
+train: setup
+	$(VENV)/bin/accelerate launch $(LAUNCH_ARGS) launch/train.py $(ARGS)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The long real-data runs as well as the fast set.
+test-all: setup
+	$(PY) -m pytest -m "slow or not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf build *.egg-info sgan/*.so runs
