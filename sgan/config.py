@@ -58,7 +58,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError with the flag to fix for values argparse cannot check."""
-        parse_num_labels(self.num_labels)
+        num_labels = parse_num_labels(self.num_labels)
         for f in dataclasses.fields(self):  # argparse does not check choices of values from a --config file
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -75,6 +75,10 @@ class TrainConfig:
             (self.log_every >= 1, "--log-every must be >= 1"),
             (min(self.latent_dim, self.g_width, self.d_width) >= 1, "--latent-dim, --g-width, --d-width must be >= 1"),
         ]
+        k = DATASETS[self.dataset].num_classes
+        if num_labels is not None and num_labels % k:
+            checks.append((False, f"--num-labels {num_labels} is not divisible by the {k} classes: the labeled set is "
+                                  f"balanced, so choose a multiple of {k}"))
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from . import ops
 from .config import TrainConfig, parse_config
-from .data import dataset_info, load_split, parse_num_labels, select_labeled_indices
+from .data import DataError, dataset_info, load_split, parse_num_labels, select_labeled_indices
 from .losses import GENERATED, UNLABELED, class_logits
 from .models import Discriminator, Generator
 
@@ -289,13 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
     try:
         train(config)
-    except (ValueError, FloatingPointError, RuntimeError) as error:
-        from .data import DataError
-
-        if isinstance(error, (ValueError, FloatingPointError, DataError)):
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-        raise
+    except (ValueError, FloatingPointError, DataError) as error:  # bad input: a message, not a traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,0 +1,148 @@
+"""Short real training runs and the command line: they must learn, write their outputs and fail clearly."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sgan.config import parse_config
+from sgan.losses import FORMULATIONS
+from sgan.models import Discriminator, Generator
+from sgan.train import main, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(tmp_path, mnist_root, *flags):
+    out = tmp_path / "run"
+    config = parse_config(["--tracker", "none", "--cpu", "--output-dir", str(out), "--data-root", str(mnist_root),
+                           *flags])
+    return out, train(config)
+
+
+def test_seed_recipe_learns_from_100_labels(tmp_path, mnist_root):
+    out, metrics = run(tmp_path, mnist_root, "--max-steps", "120", "--seed", "1")
+    assert metrics["test_accuracy"] > 0.6, metrics  # chance is 0.1
+    assert metrics["steps"] == 120 and metrics["num_labels"] == 100 and metrics["world_size"] == 1
+    written = json.loads((out / "metrics.json").read_text())
+    for key in ("test_accuracy", "test_error", "num_labels", "dataset", "recipe", "formulation", "seed", "steps",
+                "epochs", "wall_seconds", "images_per_second", "loss_backend", "world_size"):
+        assert key in written, key
+    assert written["test_error"] == pytest.approx(1 - written["test_accuracy"])
+    labeled = json.loads((out / "labeled_indices.json").read_text())
+    assert len(labeled["indices"]) == 100 == len(set(labeled["indices"]))
+    assert (out / "config.yaml").read_text().count("num_labels: '100'") == 1
+    png = (out / "samples.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    d_state = load_file(str(out / "model" / "discriminator.safetensors"))
+    g_state = load_file(str(out / "model" / "generator.safetensors"))
+    assert d_state.keys() == Discriminator(10, "k-logit").state_dict().keys()
+    assert g_state.keys() == Generator().state_dict().keys()
+
+
+def test_saved_discriminator_reproduces_the_reported_accuracy(tmp_path, mnist_root):
+    from sgan.data import load_split
+
+    out, metrics = run(tmp_path, mnist_root, "--max-steps", "20", "--formulation", "two-head")
+    model = Discriminator(10, "two-head")
+    model.load_state_dict(load_file(str(out / "model" / "discriminator.safetensors")))
+    model.eval()
+    images, labels = load_split("mnist", train=False, root=mnist_root)
+    with torch.no_grad():
+        accuracy = (model(images)[:, :10].argmax(1) == labels).float().mean().item()
+    assert accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-4)
+
+
+def test_supervised_baseline_learns_without_a_generator(tmp_path, mnist_root):
+    out, metrics = run(tmp_path, mnist_root, "--recipe", "supervised", "--max-steps", "60")
+    assert metrics["test_accuracy"] > 0.4, metrics
+    assert metrics["recipe"] == "supervised"
+    assert not (out / "model" / "generator.safetensors").exists()
+    assert (out / "model" / "discriminator.safetensors").exists()
+
+
+@pytest.mark.parametrize("formulation", FORMULATIONS)
+def test_every_formulation_trains(tmp_path, mnist_root, formulation):
+    _, metrics = run(tmp_path, mnist_root, "--formulation", formulation, "--max-steps", "40", "--batch-size", "50")
+    assert metrics["formulation"] == formulation
+    assert metrics["test_accuracy"] > 0.3, metrics
+
+
+def test_seed_makes_runs_repeatable(tmp_path, mnist_root):
+    flags = ("--max-steps", "5", "--recipe", "supervised", "--num-labels", "50")
+    a = run(tmp_path / "a", mnist_root, *flags)[0]
+    b = run(tmp_path / "b", mnist_root, *flags)[0]
+    sa = load_file(str(a / "model" / "discriminator.safetensors"))
+    sb = load_file(str(b / "model" / "discriminator.safetensors"))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_yaml_config_and_flag_precedence(tmp_path):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("formulation: two-head\nnum-labels: 50\nlr: 0.001\n")
+    config = parse_config(["--config", str(config_file), "--lr", "0.01"])
+    assert config.formulation == "two-head" and config.num_labels == "50" and config.lr == 0.01
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--formulation", "softmax"], "invalid choice"),
+        (["--epochs", "0"], "--epochs must be >= 1"),
+        (["--num-labels", "many"], "positive integer or 'all'"),
+        (["--lr", "-1"], "--lr must be > 0"),
+        (["--num-labels", "105"], "not divisible by the 10 classes"),
+        (["--config", "/nonexistent.yaml"], "no such file"),
+    ],
+)
+def test_bad_flags_exit_with_a_message(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_yaml_values_are_rejected(tmp_path, capsys):
+    for text, message in (("formulation: softmax\n", "is not one of"), ("learning_rate: 1\n", "unknown keys"),
+                          ("- a\n- b\n", "mapping")):
+        config_file = tmp_path / "bad.yaml"
+        config_file.write_text(text)
+        with pytest.raises(SystemExit):
+            parse_config(["--config", str(config_file)])
+        assert message in capsys.readouterr().err
+
+
+def test_label_budget_larger_than_the_smallest_class(tmp_path, mnist_root, capsys):
+    code = main(["--num-labels", "60000", "--tracker", "none", "--output-dir", str(tmp_path), "--data-root",
+                 str(mnist_root)])
+    assert code == 1
+    assert "smallest class has 5421" in capsys.readouterr().err
+
+
+def test_accelerate_launch_entry_point(tmp_path, mnist_root):
+    out = tmp_path / "launched"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "launch" / "train.py"),
+               "--max-steps", "3", "--tracker", "none", "--cpu", "--output-dir", str(out), "--data-root", str(mnist_root)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test accuracy" in result.stdout
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 3
+
+
+def test_wandb_runs_offline_without_a_key(tmp_path, mnist_root, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "")  # restored after the test; empty counts as unset
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login either
+    out = tmp_path / "tracked"
+    train(parse_config(["--tracker", "wandb", "--max-steps", "3", "--output-dir", str(out), "--data-root",
+                        str(mnist_root)]))
+    assert os.environ["WANDB_MODE"] == "offline"
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("*.wandb"))[0].stat().st_size > 0
+    assert list((runs[0] / "files" / "media" / "images").glob("samples_*.png"))
