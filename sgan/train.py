@@ -20,19 +20,13 @@ from pathlib import Path
 
 import torch
 import yaml
-from torch.utils.data import DataLoader, TensorDataset
 
-from . import ops
+from . import batches, ops
+from .batches import StepBatches
 from .config import TrainConfig, parse_config
 from .data import DataError, dataset_info, load_split, parse_num_labels, select_labeled_indices
 from .losses import GENERATED, UNLABELED, class_logits
 from .models import Discriminator, Generator
-
-
-def forever(loader):
-    """Cycle through a data loader; each pass reshuffles."""
-    while True:
-        yield from loader
 
 
 @contextmanager
@@ -54,17 +48,16 @@ def bn_stats_frozen(module: torch.nn.Module, enabled: bool = True):
 
 
 @torch.no_grad()
-def evaluate(accelerator, discriminator, loader, formulation: str) -> float:
-    """Test accuracy of D's class logits; every test image counted exactly once across processes."""
+def evaluate(accelerator, discriminator, images, labels, config: TrainConfig) -> float:
+    """Test accuracy of D's class logits; each process scores its shard, so every image counts exactly once."""
     discriminator.eval()
-    correct = total = 0
-    for images, labels in loader:
-        predictions = class_logits(discriminator(images), formulation).argmax(dim=1)
-        predictions, labels = accelerator.gather_for_metrics((predictions, labels))
-        correct += int((predictions == labels).sum())
-        total += labels.numel()
+    mine = torch.tensor(batches.shard(len(images), accelerator.process_index, accelerator.num_processes))
+    correct = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    for chunk in mine.split(config.eval_batch_size):
+        x, y = images[chunk].to(accelerator.device), labels[chunk].to(accelerator.device)
+        correct += (class_logits(discriminator(x), config.formulation).argmax(dim=1) == y).sum()
     discriminator.train()
-    return correct / max(total, 1)
+    return int(accelerator.reduce(correct, reduction="sum")) / len(images)
 
 
 def save_sample_grid(generator, path: Path, latent_dim: int, device, seed: int, rows: int = 10) -> None:
@@ -108,7 +101,6 @@ def start_tracker(accelerator, config: TrainConfig, output_dir: Path) -> bool:
 
 def train(config: TrainConfig) -> dict:
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
@@ -118,46 +110,42 @@ def train(config: TrainConfig) -> dict:
     accelerator = Accelerator(cpu=config.cpu, log_with=tracker, project_dir=str(output_dir))
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-    set_seed(config.seed)
+    rank, world_size, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     info = dataset_info(config.dataset)
     semi_supervised = config.recipe == "seed"
 
-    # ---- data: the labeled subset, the unlabeled stream (the whole training set) and the test set
+    # ---- data: the labeled subset, the unlabeled stream (the whole training set) and the test set, in memory
     with accelerator.main_process_first():
         train_images, train_labels = load_split(config.dataset, train=True, root=config.data_root)
         test_images, test_labels = load_split(config.dataset, train=False, root=config.data_root)
     num_labels = parse_num_labels(config.num_labels)
     labeled = select_labeled_indices(train_labels, num_labels, info.num_classes, config.seed)
+    labeled_images_all, labeled_labels_all = train_images[labeled].to(device), train_labels[labeled].to(device)
+    train_images = train_images.to(device)
     labeled_batch = min(config.batch_size, len(labeled))
-    labeled_loader = DataLoader(TensorDataset(train_images[labeled], train_labels[labeled]),
-                                batch_size=labeled_batch, shuffle=True, drop_last=True)
-    unlabeled_loader = DataLoader(TensorDataset(train_images), batch_size=config.batch_size, shuffle=True,
-                                  drop_last=True)
-    test_loader = DataLoader(TensorDataset(test_images, test_labels), batch_size=config.eval_batch_size)
-
-    # ---- models and optimisers
-    discriminator = Discriminator(info.num_classes, config.formulation, width=config.d_width, dropout=config.dropout)
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=(config.beta1, 0.999))
-    generator = opt_g = None
-    if semi_supervised:
-        generator = Generator(config.latent_dim, width=config.g_width)
-        opt_g = torch.optim.Adam(generator.parameters(), lr=config.lr, betas=(config.beta1, 0.999))
-        (discriminator, generator, opt_d, opt_g, labeled_loader, unlabeled_loader, test_loader) = accelerator.prepare(
-            discriminator, generator, opt_d, opt_g, labeled_loader, unlabeled_loader, test_loader)
-    else:
-        (discriminator, opt_d, labeled_loader, unlabeled_loader, test_loader) = accelerator.prepare(
-            discriminator, opt_d, labeled_loader, unlabeled_loader, test_loader)
-    device = accelerator.device
-    backend = ops.resolve_backend(config.loss_backend, device)
-
-    def loss_sums(logits, target):
-        return ops.discriminator_loss_sums(logits, target, config.formulation, backend=backend)
-
-    steps_per_epoch = len(unlabeled_loader)
+    labeled_batches = StepBatches(len(labeled), labeled_batch, config.seed, "labeled", rank, world_size)
+    unlabeled_batches = StepBatches(len(train_images), config.batch_size, config.seed, "unlabeled", rank, world_size)
+    steps_per_epoch = batches.steps_per_epoch(len(train_images), config.batch_size, world_size)
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     epochs = math.ceil(total_steps / steps_per_epoch)
+
+    # ---- models and optimisers (identical initial weights on every process)
+    torch.manual_seed(config.seed)
+    discriminator = Discriminator(info.num_classes, config.formulation, width=config.d_width, dropout=config.dropout)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=(config.beta1, 0.999))
+    if semi_supervised:
+        generator = Generator(config.latent_dim, width=config.g_width)
+        opt_g = torch.optim.Adam(generator.parameters(), lr=config.lr, betas=(config.beta1, 0.999))
+        discriminator, generator, opt_d, opt_g = accelerator.prepare(discriminator, generator, opt_d, opt_g)
+    else:
+        generator = opt_g = None
+        discriminator, opt_d = accelerator.prepare(discriminator, opt_d)
+    backend = ops.resolve_backend(config.loss_backend, device)
+
+    def loss_sums(logits, target):
+        return ops.discriminator_loss_sums(logits, target, config.formulation, backend=backend)
 
     if accelerator.is_main_process:
         (output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
@@ -168,76 +156,75 @@ def train(config: TrainConfig) -> dict:
     accelerator.print(
         f"sgan: {config.recipe} recipe, {config.formulation}, {config.dataset} with {len(labeled)} labels, "
         f"{total_steps} steps ({epochs} epoch(s) of {steps_per_epoch}), batch {config.batch_size} x "
-        f"{accelerator.num_processes} process(es) on {device}, loss backend {backend}")
+        f"{world_size} process(es) on {device}, loss backend {backend}")
 
     # ---- the loop
-    labeled_batches = forever(labeled_loader)
     history = []
-    step = 0
     test_accuracy = None
     start = time.perf_counter()
     progress = tqdm(total=total_steps, disable=not accelerator.is_local_main_process, desc="train", dynamic_ncols=True)
-    for epoch in range(epochs):
-        for (unlabeled_images,) in unlabeled_loader:
-            if step >= total_steps:
-                break
-            labeled_images, labels = next(labeled_batches)
+    for step in range(total_steps):
+        batches.seed_step(config.seed, step, rank)  # noise and dropout: a function of (seed, step, rank)
+        picked = labeled_batches.indices(step).to(device)
+        labeled_images, labels = labeled_images_all[picked], labeled_labels_all[picked]
 
-            # D step
-            logits = [discriminator(labeled_images)]
-            targets = [labels]
-            if semi_supervised:
-                z = torch.randn(config.batch_size, config.latent_dim, device=device)
-                fake_images = generator(z).detach()
-                logits.append(discriminator(unlabeled_images))
-                targets.append(torch.full((len(unlabeled_images),), UNLABELED, device=device))
-                with bn_stats_frozen(discriminator, config.freeze_bn_on_fakes):
-                    logits.append(discriminator(fake_images))
-                targets.append(torch.full((len(fake_images),), GENERATED, device=device))
-            sums = loss_sums(torch.cat(logits), torch.cat(targets))
-            n_labeled = len(labeled_images)
-            d_loss = sums[0] / n_labeled
-            if semi_supervised:
-                d_loss = d_loss + config.unlabeled_weight * (
-                    sums[1] / (n_labeled + len(unlabeled_images)) + sums[2] / len(fake_images))
-            opt_d.zero_grad(set_to_none=True)
-            accelerator.backward(d_loss)
-            opt_d.step()
+        # D step
+        logits = [discriminator(labeled_images)]
+        targets = [labels]
+        if semi_supervised:
+            unlabeled_images = train_images[unlabeled_batches.indices(step).to(device)]
+            z = torch.randn(config.batch_size, config.latent_dim, device=device)
+            fake_images = generator(z).detach()
+            logits.append(discriminator(unlabeled_images))
+            targets.append(torch.full((len(unlabeled_images),), UNLABELED, device=device))
+            with bn_stats_frozen(discriminator, config.freeze_bn_on_fakes):
+                logits.append(discriminator(fake_images))
+            targets.append(torch.full((len(fake_images),), GENERATED, device=device))
+        sums = loss_sums(torch.cat(logits), torch.cat(targets))
+        n_labeled = len(labeled_images)
+        d_loss = sums[0] / n_labeled
+        if semi_supervised:
+            d_loss = d_loss + config.unlabeled_weight * (
+                sums[1] / (n_labeled + len(unlabeled_images)) + sums[2] / len(fake_images))
+        opt_d.zero_grad(set_to_none=True)
+        accelerator.backward(d_loss)
+        opt_d.step()
 
-            # G step: non-saturating -log D(G(z)), D's parameters are not updated here
-            g_loss = None
-            if semi_supervised:
-                z = torch.randn(config.batch_size, config.latent_dim, device=device)
-                with bn_stats_frozen(discriminator, config.freeze_bn_on_fakes):
-                    fake_logits = discriminator(generator(z))
-                g_target = torch.full((len(fake_logits),), UNLABELED, device=device)
-                g_loss = loss_sums(fake_logits, g_target)[1] / len(fake_logits)
-                opt_g.zero_grad(set_to_none=True)
-                accelerator.backward(g_loss)
-                opt_g.step()
+        # G step: non-saturating -log D(G(z)), D's parameters are not updated here
+        g_loss = None
+        if semi_supervised:
+            z = torch.randn(config.batch_size, config.latent_dim, device=device)
+            with bn_stats_frozen(discriminator, config.freeze_bn_on_fakes):
+                fake_logits = discriminator(generator(z))
+            g_target = torch.full((len(fake_logits),), UNLABELED, device=device)
+            g_loss = loss_sums(fake_logits, g_target)[1] / len(fake_logits)
+            opt_g.zero_grad(set_to_none=True)
+            accelerator.backward(g_loss)
+            opt_g.step()
 
-            step += 1
-            losses = {"d_loss": d_loss.item(), "supervised_ce": sums[0].item() / n_labeled}
-            if g_loss is not None:
-                losses["g_loss"] = g_loss.item()
-            if not all(math.isfinite(v) for v in losses.values()):
-                raise FloatingPointError(f"non-finite loss at step {step}: {losses}; lower --lr or check the data")
-            progress.update(1)
-            progress.set_postfix({k: f"{v:.3f}" for k, v in losses.items()}, refresh=False)
-            if tracking and step % config.log_every == 0:
-                accelerator.log(losses, step=step)
+        losses = {"d_loss": d_loss.item(), "supervised_ce": sums[0].item() / n_labeled}
+        if g_loss is not None:
+            losses["g_loss"] = g_loss.item()
+        if not all(math.isfinite(v) for v in losses.values()):
+            raise FloatingPointError(f"non-finite loss at step {step + 1}: {losses}; lower --lr or check the data")
+        progress.update(1)
+        progress.set_postfix({k: f"{v:.3f}" for k, v in losses.items()}, refresh=False)
+        if tracking and (step + 1) % config.log_every == 0:
+            accelerator.log(losses, step=step + 1)
 
-        test_accuracy = evaluate(accelerator, discriminator, test_loader, config.formulation)
-        history.append({"epoch": epoch + 1, "step": step, "test_accuracy": test_accuracy})
-        if accelerator.is_local_main_process:
-            progress.write(f"epoch {epoch + 1}/{epochs}  step {step}  test accuracy {test_accuracy:.4f}")
-        if tracking:
-            accelerator.log({"test_accuracy": test_accuracy, "epoch": epoch + 1}, step=step)
+        if (step + 1) % steps_per_epoch == 0 or step + 1 == total_steps:
+            test_accuracy = evaluate(accelerator, discriminator, test_images, test_labels, config)
+            epoch = (step + 1) / steps_per_epoch
+            history.append({"epoch": round(epoch, 4), "step": step + 1, "test_accuracy": test_accuracy})
+            if accelerator.is_local_main_process:
+                progress.write(f"epoch {epoch:.2f}/{epochs}  step {step + 1}  test accuracy {test_accuracy:.4f}")
+            if tracking:
+                accelerator.log({"test_accuracy": test_accuracy, "epoch": epoch}, step=step + 1)
     progress.close()
     wall_seconds = time.perf_counter() - start
+    step = total_steps
 
     # ---- outputs
-    world_size = accelerator.num_processes
     real_per_step = (labeled_batch + (config.batch_size if semi_supervised else 0)) * world_size
     metrics = {
         "test_accuracy": test_accuracy,
