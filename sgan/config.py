@@ -53,6 +53,18 @@ class TrainConfig:
     dropout: float = field(default=0.5, metadata={"help": "dropout before D's last linear"})
     freeze_bn_on_fakes: bool = field(default=True, metadata={
         "help": "keep generated batches out of D's BatchNorm running statistics (used at test time)"})
+    d_batchnorm: bool = field(default=True, metadata={
+        "help": "BatchNorm in D (false makes D's output independent of how a batch is split: tests, ablations)"})
+    mixed_precision: str = field(default="no", metadata={
+        "help": "autocast through accelerate; the loss still accumulates in float32", "choices": ("no", "bf16", "fp16")})
+    sync_bn: bool = field(default=False, metadata={"help": "SyncBatchNorm across GPUs (CUDA only)"})
+    checkpoint_every: int = field(default=500, metadata={
+        "help": "steps between checkpoints (0: only at the end); a run also checkpoints on SIGTERM/SIGINT"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "how many of the newest checkpoints to keep"})
+    resume: str | None = field(default=None, metadata={
+        "help": "continue from 'latest' (the newest checkpoint under --output-dir) or a checkpoint folder"})
+    ddp_timeout: int = field(default=600, metadata={
+        "help": "seconds a process waits for the others in a collective before the job fails"})
     eval_batch_size: int = field(default=1000, metadata={"help": "batch size for test-set evaluation"})
     log_every: int = field(default=50, metadata={"help": "steps between tracker log entries"})
 
@@ -73,6 +85,9 @@ class TrainConfig:
             (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
             (self.eval_batch_size >= 1, "--eval-batch-size must be >= 1"),
             (self.log_every >= 1, "--log-every must be >= 1"),
+            (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
+            (self.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1"),
+            (self.ddp_timeout >= 1, "--ddp-timeout must be >= 1"),
             (min(self.latent_dim, self.g_width, self.d_width) >= 1, "--latent-dim, --g-width, --d-width must be >= 1"),
         ]
         k = DATASETS[self.dataset].num_classes

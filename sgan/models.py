@@ -53,19 +53,21 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     """Returns logits; `features(x)` gives the penultimate features (for feature matching)."""
 
-    def __init__(self, num_classes: int, formulation: str, width: int = 32, channels: int = 1, dropout: float = 0.5):
+    def __init__(self, num_classes: int, formulation: str, width: int = 32, channels: int = 1, dropout: float = 0.5,
+                 batchnorm: bool = True):
         super().__init__()
         self.num_classes = num_classes
         self.formulation = formulation
+        norm = nn.BatchNorm2d if batchnorm else (lambda channels: nn.Identity())
         self.body = nn.Sequential(
             nn.Conv2d(channels, width, 4, stride=2, padding=1, bias=False),  # 28 -> 14
-            nn.BatchNorm2d(width),
+            norm(width),
             nn.LeakyReLU(0.2, inplace=True),
             nn.Conv2d(width, 2 * width, 4, stride=2, padding=1, bias=False),  # 14 -> 7
-            nn.BatchNorm2d(2 * width),
+            norm(2 * width),
             nn.LeakyReLU(0.2, inplace=True),
             nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1, bias=False),  # 7 -> 4
-            nn.BatchNorm2d(4 * width),
+            norm(4 * width),
             nn.LeakyReLU(0.2, inplace=True),
             nn.Flatten(),
         )

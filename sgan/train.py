@@ -12,21 +12,23 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import yaml
 
-from . import batches, ops
+from . import batches, checkpoints, ops
 from .batches import StepBatches
 from .config import TrainConfig, parse_config
 from .data import DataError, dataset_info, load_split, parse_num_labels, select_labeled_indices
 from .losses import GENERATED, UNLABELED, class_logits
 from .models import Discriminator, Generator
+from .tracking import start_tracker, wandb_images
 
 
 @contextmanager
@@ -47,9 +49,24 @@ def bn_stats_frozen(module: torch.nn.Module, enabled: bool = True):
             m.momentum = momentum
 
 
+@contextmanager
+def frozen(module: torch.nn.Module):
+    """Parameters excluded from autograd for a while (no gradients computed or stored for them)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 @torch.no_grad()
 def evaluate(accelerator, discriminator, images, labels, config: TrainConfig) -> float:
-    """Test accuracy of D's class logits; each process scores its shard, so every image counts exactly once."""
+    """Test accuracy of D's class logits; each process scores its shard, so every image counts exactly once.
+
+    Takes the unwrapped D: a DDP forward would start a collective that processes with smaller shards skip."""
     discriminator.eval()
     mine = torch.tensor(batches.shard(len(images), accelerator.process_index, accelerator.num_processes))
     correct = torch.zeros((), dtype=torch.long, device=accelerator.device)
@@ -72,47 +89,73 @@ def save_sample_grid(generator, path: Path, latent_dim: int, device, seed: int, 
     save_image(images, path, nrow=rows, normalize=True, value_range=(-1, 1))
 
 
-def wandb_offline_if_no_key(accelerator) -> None:
-    """W&B runs offline when there is no API key (said once), so training never waits for a login."""
-    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"):
-        return
-    netrc = Path.home() / ".netrc"
-    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
-        return
-    os.environ["WANDB_MODE"] = "offline"
-    accelerator.print("wandb: no API key found (WANDB_API_KEY or `wandb login`): logging offline under the output dir")
+class StopRequest:
+    """Turns SIGTERM / SIGINT into a flag the loop checks after each step: checkpoint, then a clean exit."""
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def requested(self, accelerator) -> bool:
+        """True on every process once any process got a signal (so all of them checkpoint together)."""
+        flag = torch.tensor(float(self.signal is not None), device=accelerator.device)
+        if accelerator.num_processes > 1:
+            flag = accelerator.reduce(flag, reduction="sum")
+        return bool(flag > 0)
 
 
-def start_tracker(accelerator, config: TrainConfig, output_dir: Path) -> bool:
-    """Start the chosen tracker; a tracker that fails to start is a warning, never the end of training."""
-    if config.tracker == "none":
-        return False
-    init_kwargs = {}
-    if config.tracker == "wandb":
-        wandb_offline_if_no_key(accelerator)
-        init_kwargs = {"wandb": {"dir": str(output_dir), "name": output_dir.name}}
-    try:
-        accelerator.init_trackers("sgan", config=config.to_dict(), init_kwargs=init_kwargs)
-        return True
-    except Exception as error:  # any tracker failure: keep training, say so
-        warnings.warn(f"tracker {config.tracker!r} failed to start ({error}); training goes on without it")
-        return False
+def inject_failure(step: int, rank: int) -> None:
+    """Testing hook: SGAN_INJECT_FAILURE=RANK:STEP makes that process fail at that step."""
+    spec = os.environ.get("SGAN_INJECT_FAILURE")
+    if spec and spec == f"{rank}:{step}":
+        raise RuntimeError(f"injected failure on rank {rank} at step {step} (SGAN_INJECT_FAILURE={spec})")
+
+
+def build_accelerator(config: TrainConfig, output_dir: Path):
+    from datetime import timedelta
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import InitProcessGroupKwargs
+
+    # accelerate keeps one global state per process; reset its training settings (not the process group)
+    # so that several runs in one Python process (tests, notebooks) can use different precisions.
+    AcceleratorState._reset_state()
+
+    tracker = config.tracker if config.tracker != "none" else None
+    return Accelerator(cpu=config.cpu, mixed_precision=config.mixed_precision, log_with=tracker,
+                       project_dir=str(output_dir),
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout))])
 
 
 def train(config: TrainConfig) -> dict:
-    from accelerate import Accelerator
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     config.validate()
     output_dir = Path(config.output_dir)
-    tracker = config.tracker if config.tracker != "none" else None
-    accelerator = Accelerator(cpu=config.cpu, log_with=tracker, project_dir=str(output_dir))
+    accelerator = build_accelerator(config, output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     rank, world_size, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     info = dataset_info(config.dataset)
     semi_supervised = config.recipe == "seed"
+    if config.sync_bn and device.type != "cuda":
+        raise ValueError("--sync-bn synchronises BatchNorm across GPUs and needs CUDA; this run is on "
+                         f"{device.type}: drop --sync-bn")
 
     # ---- data: the labeled subset, the unlabeled stream (the whole training set) and the test set, in memory
     with accelerator.main_process_first():
@@ -122,6 +165,8 @@ def train(config: TrainConfig) -> dict:
     labeled = select_labeled_indices(train_labels, num_labels, info.num_classes, config.seed)
     labeled_images_all, labeled_labels_all = train_images[labeled].to(device), train_labels[labeled].to(device)
     train_images = train_images.to(device)
+    # Every process gets equal-sized batches, so dividing each process's sums by its own row counts and
+    # letting DDP average the gradients equals normalising the global sums by the global counts.
     labeled_batch = min(config.batch_size, len(labeled))
     labeled_batches = StepBatches(len(labeled), labeled_batch, config.seed, "labeled", rank, world_size)
     unlabeled_batches = StepBatches(len(train_images), config.batch_size, config.seed, "unlabeled", rank, world_size)
@@ -133,19 +178,41 @@ def train(config: TrainConfig) -> dict:
 
     # ---- models and optimisers (identical initial weights on every process)
     torch.manual_seed(config.seed)
-    discriminator = Discriminator(info.num_classes, config.formulation, width=config.d_width, dropout=config.dropout)
+    discriminator = Discriminator(info.num_classes, config.formulation, width=config.d_width, dropout=config.dropout,
+                                  batchnorm=config.d_batchnorm)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=(config.beta1, 0.999))
+    generator = opt_g = None
     if semi_supervised:
         generator = Generator(config.latent_dim, width=config.g_width)
         opt_g = torch.optim.Adam(generator.parameters(), lr=config.lr, betas=(config.beta1, 0.999))
+    if config.sync_bn:
+        discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
+        if generator is not None:
+            generator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(generator)
+    if semi_supervised:
         discriminator, generator, opt_d, opt_g = accelerator.prepare(discriminator, generator, opt_d, opt_g)
     else:
-        generator = opt_g = None
         discriminator, opt_d = accelerator.prepare(discriminator, opt_d)
+    plain_d = accelerator.unwrap_model(discriminator)  # for the G step and evaluation (see below)
     backend = ops.resolve_backend(config.loss_backend, device)
 
     def loss_sums(logits, target):
         return ops.discriminator_loss_sums(logits, target, config.formulation, backend=backend)
+
+    # ---- resume
+    run_fingerprint = checkpoints.fingerprint(config, world_size, labeled)
+    start_step, history, wall_before = 0, [], 0.0
+    last_checkpoint = resumed_from = None
+    if config.resume:
+        last_checkpoint = checkpoints.find(config.resume, output_dir)
+        state = checkpoints.read_state(last_checkpoint, run_fingerprint)
+        checkpoints.load(accelerator, last_checkpoint)
+        start_step, history, wall_before = state["step"], state.get("history", []), state.get("wall_seconds", 0.0)
+        if start_step > total_steps:
+            raise checkpoints.CheckpointError(f"{last_checkpoint} is at step {start_step}, past this run's "
+                                              f"{total_steps} steps: raise --max-steps or --epochs")
+        resumed_from = str(last_checkpoint)
+        accelerator.print(f"sgan: resumed from {last_checkpoint} at step {start_step}")
 
     if accelerator.is_main_process:
         (output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
@@ -158,71 +225,90 @@ def train(config: TrainConfig) -> dict:
         f"{total_steps} steps ({epochs} epoch(s) of {steps_per_epoch}), batch {config.batch_size} x "
         f"{world_size} process(es) on {device}, loss backend {backend}")
 
+    def save_checkpoint(step: int):
+        extra = {"history": history, "wall_seconds": wall_before + time.perf_counter() - start}
+        return checkpoints.save(accelerator, output_dir, step, run_fingerprint, extra, config.keep_checkpoints)
+
     # ---- the loop
-    history = []
-    test_accuracy = None
+    test_accuracy = history[-1]["test_accuracy"] if history else None
     start = time.perf_counter()
-    progress = tqdm(total=total_steps, disable=not accelerator.is_local_main_process, desc="train", dynamic_ncols=True)
-    for step in range(total_steps):
-        batches.seed_step(config.seed, step, rank)  # noise and dropout: a function of (seed, step, rank)
-        picked = labeled_batches.indices(step).to(device)
-        labeled_images, labels = labeled_images_all[picked], labeled_labels_all[picked]
+    progress = tqdm(total=total_steps, initial=start_step, disable=not accelerator.is_local_main_process,
+                    desc="train", dynamic_ncols=True)
+    with StopRequest() as stop:
+        for step in range(start_step, total_steps):
+            inject_failure(step, rank)
+            batches.seed_step(config.seed, step, rank)  # noise and dropout: a function of (seed, step, rank)
+            picked = labeled_batches.indices(step).to(device)
+            labeled_images, labels = labeled_images_all[picked], labeled_labels_all[picked]
 
-        # D step
-        logits = [discriminator(labeled_images)]
-        targets = [labels]
-        if semi_supervised:
-            unlabeled_images = train_images[unlabeled_batches.indices(step).to(device)]
-            z = torch.randn(config.batch_size, config.latent_dim, device=device)
-            fake_images = generator(z).detach()
-            logits.append(discriminator(unlabeled_images))
-            targets.append(torch.full((len(unlabeled_images),), UNLABELED, device=device))
-            with bn_stats_frozen(discriminator, config.freeze_bn_on_fakes):
-                logits.append(discriminator(fake_images))
-            targets.append(torch.full((len(fake_images),), GENERATED, device=device))
-        sums = loss_sums(torch.cat(logits), torch.cat(targets))
-        n_labeled = len(labeled_images)
-        d_loss = sums[0] / n_labeled
-        if semi_supervised:
-            d_loss = d_loss + config.unlabeled_weight * (
-                sums[1] / (n_labeled + len(unlabeled_images)) + sums[2] / len(fake_images))
-        opt_d.zero_grad(set_to_none=True)
-        accelerator.backward(d_loss)
-        opt_d.step()
+            # D step: three forwards, so BatchNorm normalises each kind of batch by its own statistics
+            logits = [discriminator(labeled_images)]
+            targets = [labels]
+            if semi_supervised:
+                unlabeled_images = train_images[unlabeled_batches.indices(step).to(device)]
+                z = torch.randn(config.batch_size, config.latent_dim, device=device)
+                fake_images = generator(z).detach()
+                logits.append(discriminator(unlabeled_images))
+                targets.append(torch.full((len(unlabeled_images),), UNLABELED, device=device))
+                with bn_stats_frozen(discriminator, config.freeze_bn_on_fakes):
+                    logits.append(discriminator(fake_images))
+                targets.append(torch.full((len(fake_images),), GENERATED, device=device))
+            sums = loss_sums(torch.cat(logits), torch.cat(targets))
+            n_labeled = len(labeled_images)
+            d_loss = sums[0] / n_labeled
+            if semi_supervised:
+                d_loss = d_loss + config.unlabeled_weight * (
+                    sums[1] / (n_labeled + len(unlabeled_images)) + sums[2] / len(fake_images))
+            opt_d.zero_grad(set_to_none=True)
+            accelerator.backward(d_loss)
+            opt_d.step()
 
-        # G step: non-saturating -log D(G(z)), D's parameters are not updated here
-        g_loss = None
-        if semi_supervised:
-            z = torch.randn(config.batch_size, config.latent_dim, device=device)
-            with bn_stats_frozen(discriminator, config.freeze_bn_on_fakes):
-                fake_logits = discriminator(generator(z))
-            g_target = torch.full((len(fake_logits),), UNLABELED, device=device)
-            g_loss = loss_sums(fake_logits, g_target)[1] / len(fake_logits)
-            opt_g.zero_grad(set_to_none=True)
-            accelerator.backward(g_loss)
-            opt_g.step()
+            # G step: non-saturating -log D(G(z)). It runs the *unwrapped* D with its parameters frozen: D is
+            # not updated here, so DDP has no D gradients to synchronise (none are computed), and a G loss
+            # that leaves some D parameters unused (feature matching) needs no find_unused_parameters.
+            g_loss = None
+            if semi_supervised:
+                z = torch.randn(config.batch_size, config.latent_dim, device=device)
+                with bn_stats_frozen(plain_d, config.freeze_bn_on_fakes), frozen(plain_d), accelerator.autocast():
+                    fake_logits = plain_d(generator(z))
+                g_target = torch.full((len(fake_logits),), UNLABELED, device=device)
+                g_loss = loss_sums(fake_logits, g_target)[1] / len(fake_logits)
+                opt_g.zero_grad(set_to_none=True)
+                accelerator.backward(g_loss)
+                opt_g.step()
 
-        losses = {"d_loss": d_loss.item(), "supervised_ce": sums[0].item() / n_labeled}
-        if g_loss is not None:
-            losses["g_loss"] = g_loss.item()
-        if not all(math.isfinite(v) for v in losses.values()):
-            raise FloatingPointError(f"non-finite loss at step {step + 1}: {losses}; lower --lr or check the data")
-        progress.update(1)
-        progress.set_postfix({k: f"{v:.3f}" for k, v in losses.items()}, refresh=False)
-        if tracking and (step + 1) % config.log_every == 0:
-            accelerator.log(losses, step=step + 1)
+            losses = {"d_loss": d_loss.item(), "supervised_ce": sums[0].item() / n_labeled}
+            if g_loss is not None:
+                losses["g_loss"] = g_loss.item()
+            if not all(math.isfinite(v) for v in losses.values()):
+                raise FloatingPointError(
+                    f"non-finite loss at step {step + 1}: {losses}; last good checkpoint: "
+                    f"{last_checkpoint or 'none saved yet'}. Lower --lr, or check the data")
+            progress.update(1)
+            progress.set_postfix({k: f"{v:.3f}" for k, v in losses.items()}, refresh=False)
+            if tracking and (step + 1) % config.log_every == 0:
+                accelerator.log(losses, step=step + 1)
 
-        if (step + 1) % steps_per_epoch == 0 or step + 1 == total_steps:
-            test_accuracy = evaluate(accelerator, discriminator, test_images, test_labels, config)
-            epoch = (step + 1) / steps_per_epoch
-            history.append({"epoch": round(epoch, 4), "step": step + 1, "test_accuracy": test_accuracy})
-            if accelerator.is_local_main_process:
-                progress.write(f"epoch {epoch:.2f}/{epochs}  step {step + 1}  test accuracy {test_accuracy:.4f}")
-            if tracking:
-                accelerator.log({"test_accuracy": test_accuracy, "epoch": epoch}, step=step + 1)
+            if (step + 1) % steps_per_epoch == 0 or step + 1 == total_steps:
+                test_accuracy = evaluate(accelerator, plain_d, test_images, test_labels, config)
+                epoch = (step + 1) / steps_per_epoch
+                history.append({"epoch": round(epoch, 4), "step": step + 1, "test_accuracy": test_accuracy})
+                if accelerator.is_local_main_process:
+                    progress.write(f"epoch {epoch:.2f}/{epochs}  step {step + 1}  test accuracy {test_accuracy:.4f}")
+                if tracking:
+                    log_evaluation(accelerator, config, generator, output_dir, step + 1, test_accuracy, epoch)
+            if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < total_steps:
+                last_checkpoint = save_checkpoint(step + 1)
+            if stop.requested(accelerator):
+                path = save_checkpoint(step + 1)
+                progress.close()
+                accelerator.print(f"sgan: stopped by a signal after step {step + 1}; checkpoint {path}. "
+                                  f"Continue with --resume latest --output-dir {output_dir}")
+                accelerator.end_training()
+                return {"interrupted": True, "steps": step + 1, "checkpoint": str(path)}
     progress.close()
-    wall_seconds = time.perf_counter() - start
-    step = total_steps
+    wall_seconds = wall_before + time.perf_counter() - start
+    last_checkpoint = save_checkpoint(total_steps)
 
     # ---- outputs
     real_per_step = (labeled_batch + (config.batch_size if semi_supervised else 0)) * world_size
@@ -234,19 +320,19 @@ def train(config: TrainConfig) -> dict:
         "recipe": config.recipe,
         "formulation": config.formulation,
         "seed": config.seed,
-        "steps": step,
-        "epochs": step / steps_per_epoch,
+        "steps": total_steps,
+        "epochs": total_steps / steps_per_epoch,
         "wall_seconds": wall_seconds,
-        "images_per_second": real_per_step * step / wall_seconds,
+        "images_per_second": real_per_step * (total_steps - start_step) / max(time.perf_counter() - start, 1e-9),
         "loss_backend": backend,
         "world_size": world_size,
+        "mixed_precision": config.mixed_precision,
+        "resumed_from": resumed_from,
         "history": history,
     }
-    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (output_dir / "model").mkdir(exist_ok=True)
-        networks = {"discriminator": discriminator, "generator": generator}
-        for name, network in networks.items():
+        for name, network in {"discriminator": discriminator, "generator": generator}.items():
             if network is not None:
                 state = {k: v.detach().cpu().contiguous() for k, v in accelerator.unwrap_model(network).state_dict().items()}
                 save_file(state, str(output_dir / "model" / f"{name}.safetensors"))
@@ -254,29 +340,30 @@ def train(config: TrainConfig) -> dict:
             save_sample_grid(accelerator.unwrap_model(generator), output_dir / "samples.png", config.latent_dim,
                              device, config.seed)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    accelerator.wait_for_everyone()
     if tracking:
-        if generator is not None and config.tracker == "wandb" and accelerator.is_main_process:
-            log_sample_image(accelerator, output_dir / "samples.png", step)
         accelerator.end_training()
-    accelerator.print(f"test accuracy {test_accuracy:.4f} (error {100 * (1 - test_accuracy):.2f}%) after {step} steps, "
-                      f"{wall_seconds:.0f} s; outputs in {output_dir}")
+    accelerator.print(f"test accuracy {test_accuracy:.4f} (error {100 * (1 - test_accuracy):.2f}%) after "
+                      f"{total_steps} steps, {wall_seconds:.0f} s; outputs in {output_dir}")
     return metrics
 
 
-def log_sample_image(accelerator, path: Path, step: int) -> None:
-    try:
-        import wandb
-
-        accelerator.log({"samples": wandb.Image(str(path))}, step=step)
-    except Exception as error:
-        warnings.warn(f"could not log the sample grid to wandb: {error}")
+def log_evaluation(accelerator, config, generator, output_dir: Path, step: int, accuracy: float, epoch: float):
+    """Test accuracy to the tracker, and on W&B the current sample grid too (main process only)."""
+    values = {"test_accuracy": accuracy, "epoch": epoch}
+    if generator is not None and accelerator.is_main_process:
+        path = output_dir / "samples.png"
+        save_sample_grid(accelerator.unwrap_model(generator), path, config.latent_dim, accelerator.device, config.seed)
+        if config.tracker == "wandb":
+            values.update(wandb_images({"samples": path}))
+    accelerator.log(values, step=step)
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
     try:
         train(config)
-    except (ValueError, FloatingPointError, DataError) as error:  # bad input: a message, not a traceback
+    except (ValueError, FloatingPointError, DataError, checkpoints.CheckpointError) as error:  # bad input: a message, not a traceback
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -1,0 +1,102 @@
+"""Checkpoints: accelerate's save_state plus a small JSON trainer state, written last as the "complete" mark.
+
+A checkpoint is the folder OUTPUT/checkpoints/step_00001234/ holding what accelerate saves (weights as
+safetensors, optimizer and RNG states loaded with torch.load(weights_only=True)) and trainer_state.json:
+the step, the run's fingerprint and its history so far. Nothing in it executes code when loaded. Because
+batches and noise are a function of (seed, step, rank) (sgan/batches.py), restoring the step restores the
+data position too, mid-epoch included.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+STATE_FILE = "trainer_state.json"
+# Settings a resumed run must share with the run that wrote the checkpoint.
+FINGERPRINT_KEYS = (
+    "dataset", "recipe", "formulation", "num_labels", "seed", "batch_size", "lr", "beta1", "unlabeled_weight",
+    "latent_dim", "g_width", "d_width", "dropout", "d_batchnorm", "freeze_bn_on_fakes",
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt or from a different run; the message says which and what to do."""
+
+
+def fingerprint(config, world_size: int, labeled_indices) -> dict:
+    values = {key: getattr(config, key) for key in FINGERPRINT_KEYS}
+    values["world_size"] = world_size
+    values["labeled_sha256"] = hashlib.sha256(json.dumps([int(i) for i in labeled_indices]).encode()).hexdigest()
+    return values
+
+
+def checkpoints_root(output_dir: Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """Finished checkpoints (those with a trainer state), oldest first."""
+    root = checkpoints_root(output_dir)
+    found = [p for p in root.glob("step_*") if (p / STATE_FILE).is_file()] if root.is_dir() else []
+    return sorted(found, key=lambda p: p.name)
+
+
+def save(accelerator, output_dir: Path, step: int, run_fingerprint: dict, extra: dict, keep: int) -> Path:
+    """Save a checkpoint at `step` (all processes call this) and keep only the newest `keep`."""
+    path = checkpoints_root(output_dir) / f"step_{step:08d}"
+    accelerator.save_state(str(path), safe_serialization=True)
+    if accelerator.is_main_process:
+        state = {"step": step, "fingerprint": run_fingerprint, **extra}
+        tmp = path / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, path / STATE_FILE)  # the checkpoint counts only once this file exists
+        for old in complete_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def find(resume: str, output_dir: Path) -> Path:
+    """--resume latest|PATH -> the checkpoint folder."""
+    if resume == "latest":
+        found = complete_checkpoints(output_dir)
+        if not found:
+            raise CheckpointError(f"--resume latest: no complete checkpoint under {checkpoints_root(output_dir)}; "
+                                  "start without --resume, or pass a checkpoint folder")
+        return found[-1]
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise CheckpointError(f"--resume {resume}: not a complete checkpoint folder (no {STATE_FILE} in it); "
+                              f"checkpoints live in OUTPUT_DIR/checkpoints/step_*")
+    return path
+
+
+def read_state(path: Path, expected_fingerprint: dict) -> dict:
+    """The trainer state of a checkpoint, after checking it belongs to this run's configuration."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        step, theirs = int(state["step"]), dict(state["fingerprint"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{path / STATE_FILE}: corrupt trainer state ({error}); resume from another "
+                              "checkpoint or start again") from error
+    differences = [f"{key}: checkpoint {theirs.get(key)!r}, this run {value!r}"
+                   for key, value in expected_fingerprint.items() if theirs.get(key) != value]
+    if differences:
+        raise CheckpointError(f"{path} was written by a different run configuration ({'; '.join(differences)}): "
+                              "resume with the same flags, or use another --output-dir")
+    if step < 0:
+        raise CheckpointError(f"{path / STATE_FILE}: invalid step {step}")
+    state["step"] = step
+    return state
+
+
+def load(accelerator, path: Path) -> None:
+    """Restore models, optimizers and RNG states; a damaged file is a CheckpointError naming the folder."""
+    try:
+        accelerator.load_state(str(path))
+    except Exception as error:  # safetensors, torch.load(weights_only) and size mismatches all raise differently
+        raise CheckpointError(f"{path}: cannot load the checkpoint ({type(error).__name__}: {error}); it is corrupt "
+                              "or from another model: resume from another checkpoint or start again") from error

@@ -1,0 +1,63 @@
+"""DDP on CPU processes (gloo) through accelerate launch: equivalence with one process, tracking, failures."""
+import json
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from launch_helpers import finished, launch
+
+
+def d_params(out):
+    return load_file(str(out / "model" / "discriminator.safetensors"))
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, mnist_root):
+    """Same global batch (2 x 50 vs 1 x 100), D without BatchNorm or dropout: the same parameters after k steps."""
+    common = ["--recipe", "supervised", "--num-labels", "1000", "--dropout", "0", "--d-batchnorm", "false",
+              "--max-steps", "6", "--tracker", "none", "--data-root", mnist_root, "--lr", "1e-3"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    r1 = launch([*common, "--batch-size", "100", "--output-dir", one])
+    r2 = launch([*common, "--batch-size", "50", "--output-dir", two], num_processes=2)
+    assert finished(r1, one), r1.stderr[-3000:]
+    assert finished(r2, two), r2.stderr[-3000:]
+    m1, m2 = (json.loads((o / "metrics.json").read_text()) for o in (one, two))
+    assert (m1["world_size"], m2["world_size"]) == (1, 2)
+    p1, p2 = d_params(one), d_params(two)
+    assert p1.keys() == p2.keys()
+    # Float tolerance scaled to Adam: each step moves a weight by up to lr = 1e-3 whatever its gradient's size,
+    # so a weight whose gradient is ~0 can flip on summation-order noise. A wrong split of the global batch or
+    # a wrong normalisation moves weights by ~lr per step (~6e-3 here), hundreds of times the bound.
+    for key in p1:
+        gap = (p1[key] - p2[key]).abs()
+        assert gap.max() <= 5e-5 and gap.mean() <= 1e-6, (key, gap.max().item(), gap.mean().item())
+    # every test image counted once on both: accuracies agree up to images whose logits tie within float error
+    assert abs(m1["test_accuracy"] - m2["test_accuracy"]) <= 2e-4
+
+
+def test_two_process_seed_run_tracks_offline_with_images(tmp_path, mnist_root):
+    out = tmp_path / "ddp"
+    env = {"WANDB_API_KEY": "", "WANDB_MODE": "", "HOME": str(tmp_path)}
+    result = launch(["--max-steps", "4", "--batch-size", "32", "--tracker", "wandb", "--output-dir", out,
+                     "--data-root", mnist_root], num_processes=2, env=env)
+    assert finished(result, out), result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 4
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, "exactly one W&B run: only the main process tracks"
+    assert next(runs[0].glob("*.wandb")).stat().st_size > 0
+    assert list((runs[0] / "files" / "media" / "images").glob("samples_*.png"))
+    assert "offline" in result.stdout
+
+
+def test_a_dying_rank_ends_the_whole_job(tmp_path, mnist_root):
+    out = tmp_path / "dies"
+    begun = time.monotonic()
+    result = launch(["--max-steps", "50", "--batch-size", "16", "--tracker", "none", "--output-dir", out,
+                     "--data-root", mnist_root, "--ddp-timeout", "60"], num_processes=2,
+                    env={"SGAN_INJECT_FAILURE": "1:2"}, timeout=300)
+    assert result.returncode != 0
+    assert "injected failure on rank 1 at step 2" in result.stderr
+    assert time.monotonic() - begun < 240
+    assert not (out / "metrics.json").exists()
