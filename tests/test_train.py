@@ -146,3 +146,36 @@ def test_wandb_runs_offline_without_a_key(tmp_path, mnist_root, monkeypatch):
     assert len(runs) == 1
     assert list(runs[0].glob("*.wandb"))[0].stat().st_size > 0
     assert list((runs[0] / "files" / "media" / "images").glob("samples_*.png"))
+
+
+def test_api_key_never_lands_in_the_outputs(tmp_path, mnist_root, monkeypatch):
+    secret = "0123456789abcdef0123456789abcdef01234567"
+    monkeypatch.setenv("WANDB_API_KEY", secret)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "keyed"
+    train(parse_config(["--tracker", "wandb", "--max-steps", "2", "--output-dir", str(out), "--data-root",
+                        str(mnist_root)]))
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".wandb" for p in files)
+    for path in files:
+        assert secret.encode() not in path.read_bytes(), path
+
+
+def test_tensorboard_tracker_writes_events(tmp_path, mnist_root):
+    out = tmp_path / "tb"
+    train(parse_config(["--tracker", "tensorboard", "--max-steps", "2", "--output-dir", str(out), "--data-root",
+                        str(mnist_root)]))
+    assert list(out.rglob("events.out.tfevents.*"))
+
+
+def test_a_tracker_that_fails_to_start_is_only_a_warning(tmp_path, mnist_root, monkeypatch):
+    from accelerate import Accelerator
+
+    def broken(self, *args, **kwargs):
+        raise ConnectionError("tracker service unreachable")
+
+    monkeypatch.setattr(Accelerator, "init_trackers", broken)
+    with pytest.warns(UserWarning, match="failed to start.*unreachable"):
+        metrics = train(parse_config(["--tracker", "wandb", "--max-steps", "2", "--output-dir", str(tmp_path / "x"),
+                                      "--data-root", str(mnist_root)]))
+    assert metrics["steps"] == 2
