@@ -36,5 +36,13 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -m "slow or not slow" $(PYTEST_ARGS)
 
+# Compile the CUDA kernel without a GPU and check the library holds device code (CI runs this).
+cuda-check: setup
+	$(PY) -m sgan._build cuda-check
+
+# The fused loss op against eager PyTorch, torch.compile and the memory-bandwidth floor.
+benchmark: setup
+	$(PY) benchmarks/loss.py
+
 clean:
 	rm -rf build *.egg-info sgan/*.so runs

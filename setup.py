@@ -31,7 +31,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["sgan", "sgan.*"]),
-    package_data={"sgan": ["csrc/*"]},
     install_requires=[
         "torch==2.14.1",
         "torchvision==0.29.1",
