@@ -1,0 +1,153 @@
+"""python -m sgan.evaluate: the numbers match training's, the files are valid, bad inputs fail clearly."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from sgan.config import parse_config
+from sgan.data import load_split
+from sgan.evaluate import main
+from sgan.train import train
+
+from launch_helpers import REPO
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def trained(out, root, *flags):
+    train(parse_config(["--tracker", "none", "--cpu", "--output-dir", str(out), "--data-root", str(root),
+                        "--batch-size", "20", "--checkpoint-every", "0", *flags]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def seed_run(tmp_path_factory, mnist_root):
+    return trained(tmp_path_factory.mktemp("eval") / "seed", mnist_root, "--max-steps", "12")
+
+
+@pytest.fixture(scope="module")
+def supervised_run(tmp_path_factory, mnist_root):
+    return trained(tmp_path_factory.mktemp("eval") / "supervised", mnist_root, "--max-steps", "2", "--recipe",
+                   "supervised", "--formulation", "two-head")
+
+
+def reported_accuracy(run):
+    return json.loads((run / "metrics.json").read_text())["test_accuracy"]
+
+
+def assert_valid_png(path):
+    assert path.read_bytes()[:8] == PNG_MAGIC, path
+    with Image.open(path) as image:
+        image.verify()  # decodes the chunks: a truncated file fails here
+        assert min(image.size) >= 100, image.size
+
+
+def test_evaluation_matches_training_and_is_consistent(seed_run, mnist_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main([str(seed_run), "--cpu", "--data-root", str(mnist_root), "--out", str(out), "--batch-size", "700"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "evaluation.json").read_text())
+    accuracy = reported_accuracy(seed_run)
+    assert result["test_accuracy"] == pytest.approx(accuracy, abs=1e-4)
+    assert f"test accuracy {accuracy:.4f}" in printed
+    assert "confusion matrix" in printed and "T-shirt" not in printed
+
+    matrix = torch.tensor(result["confusion_matrix"])
+    _, labels = load_split("mnist", train=False, root=mnist_root)
+    assert matrix.shape == (10, 10) and int(matrix.sum()) == 10000 == result["num_images"]
+    assert int(matrix.trace()) / 10000 == pytest.approx(result["test_accuracy"], abs=1e-12)
+    assert matrix.sum(dim=1).tolist() == torch.bincount(labels, minlength=10).tolist()  # rows are the true classes
+    for k, row in enumerate(result["per_class"]):
+        assert row["class"] == k and row["name"] == str(k)
+        assert row["correct"] == matrix[k, k] and row["count"] == matrix[k].sum()
+        assert row["accuracy"] == pytest.approx(row["correct"] / row["count"])
+        assert f"{row['accuracy']:.4f}" in printed
+    assert result["source"] == str(seed_run) and result["kind"] == "run"
+    assert_valid_png(out / "confusion_matrix.png")
+    assert_valid_png(out / "evaluation_samples.png")
+    assert not (seed_run / "evaluation.json").exists()  # --out was honoured
+
+
+def test_checkpoint_folder_evaluates_to_the_same_accuracy(seed_run, mnist_root, capsys):
+    checkpoint = seed_run / "checkpoints" / "step_00000012"  # the final checkpoint: the same weights as model/
+    assert main([str(checkpoint), "--cpu", "--data-root", str(mnist_root)]) == 0
+    result = json.loads((checkpoint / "evaluation.json").read_text())  # default --out: the path evaluated
+    assert result["kind"] == "checkpoint" and result["step"] == 12
+    assert result["test_accuracy"] == pytest.approx(reported_accuracy(seed_run), abs=1e-4)
+    assert_valid_png(checkpoint / "evaluation_samples.png")
+    assert "checkpoint, step 12" in capsys.readouterr().out
+
+
+def test_checkpoint_of_a_multi_process_run(seed_run, mnist_root, tmp_path):
+    """accelerate saves the model as prepared there: a DDP-wrapped D's keys may start with 'module.'."""
+    run = tmp_path / "ddp"
+    shutil.copytree(seed_run, run)
+    weights = run / "checkpoints" / "step_00000012" / "model.safetensors"
+    save_file({f"module.{k}": v for k, v in load_file(str(weights)).items()}, str(weights))
+    assert main([str(weights.parent), "--cpu", "--data-root", str(mnist_root), "--out", str(tmp_path / "o")]) == 0
+    result = json.loads((tmp_path / "o" / "evaluation.json").read_text())
+    assert result["test_accuracy"] == pytest.approx(reported_accuracy(seed_run), abs=1e-4)
+
+
+def test_supervised_run_has_no_sample_grid(supervised_run, mnist_root, tmp_path):
+    assert main([str(supervised_run), "--cpu", "--data-root", str(mnist_root), "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "evaluation.json").read_text())
+    assert result["formulation"] == "two-head"  # the head size came from config.yaml
+    assert result["test_accuracy"] == pytest.approx(reported_accuracy(supervised_run), abs=1e-4)
+    assert "samples" not in result["files"] and not (tmp_path / "evaluation_samples.png").exists()
+    assert_valid_png(tmp_path / "confusion_matrix.png")
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def edit_config(run, **changes):
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, **changes}))
+
+
+@pytest.mark.parametrize("damage, names, message", [
+    (lambda run: shutil.rmtree(run / "model") or (run / "config.yaml").unlink(), "", "neither a run directory"),
+    (lambda run: shutil.rmtree(run), "", "no such directory"),
+    (lambda run: truncate(run / "model" / "discriminator.safetensors"), "discriminator.safetensors", "corrupt"),
+    (lambda run: truncate(run / "model" / "generator.safetensors"), "generator.safetensors", "corrupt"),
+    (lambda run: (run / "model" / "discriminator.safetensors").unlink(), "discriminator.safetensors", "missing"),
+    (lambda run: edit_config(run, learning_rate=0.1), "config.yaml", "unknown keys learning_rate"),
+    (lambda run: edit_config(run, d_width=16), "discriminator.safetensors", "do not match the architecture"),
+    (lambda run: edit_config(run, formulation="two-head"), "discriminator.safetensors", "do not match"),
+    (lambda run: edit_config(run, formulation="softmax"), "config.yaml", "is not one of"),
+    (lambda run: (run / "config.yaml").write_text("[1, 2"), "config.yaml", "not valid YAML"),
+])
+def test_bad_inputs_fail_with_a_message(seed_run, mnist_root, tmp_path, capsys, damage, names, message):
+    run = tmp_path / "copy"
+    shutil.copytree(seed_run, run, ignore=shutil.ignore_patterns("checkpoints"))
+    damage(run)
+    assert main([str(run), "--cpu", "--data-root", str(mnist_root), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and names in err, err
+    assert not (tmp_path / "out" / "evaluation.json").exists()
+
+
+def test_command_line_entry_points(seed_run, mnist_root, tmp_path):
+    env_flags = ["--cpu", "--data-root", str(mnist_root)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # launch/evaluate.py imports sgan, installed or not
+    ok = subprocess.run([sys.executable, str(REPO / "launch" / "evaluate.py"), str(seed_run), "--out", str(tmp_path),
+                         *env_flags], capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert f"test accuracy {reported_accuracy(seed_run):.4f}" in ok.stdout
+
+    broken = tmp_path / "broken"
+    shutil.copytree(seed_run, broken, ignore=shutil.ignore_patterns("checkpoints"))
+    truncate(broken / "model" / "discriminator.safetensors")
+    bad = subprocess.run([sys.executable, "-m", "sgan.evaluate", str(broken), *env_flags], capture_output=True,
+                         text=True, timeout=300, cwd=REPO)
+    assert bad.returncode == 1
+    assert "Traceback" not in bad.stderr and "discriminator.safetensors" in bad.stderr, bad.stderr
