@@ -48,5 +48,6 @@ setup(
     extras_require={"test": ["pytest>=8", "hypothesis>=6"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    entry_points={"console_scripts": ["sgan-train=sgan.train:main", "sgan-data=sgan.data:main"]},
+    entry_points={"console_scripts": ["sgan-train=sgan.train:main", "sgan-data=sgan.data:main",
+                                      "sgan-evaluate=sgan.evaluate:main", "sgan-study=sgan.study:main"]},
 )

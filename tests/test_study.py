@@ -1,0 +1,172 @@
+"""python -m sgan.study: the plan, resuming and skipping, failures, and the aggregated results."""
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from sgan import config as sgan_config
+from sgan.config import parse_config
+from sgan.losses import FORMULATIONS
+from sgan.study import Cell, default_recipe_specs, main, parse_args, parse_recipes
+from sgan.train import train
+
+from launch_helpers import REPO
+
+
+def plan_of(tmp_path, *flags):
+    args, plan, extra = parse_args(["--study-dir", str(tmp_path), *flags])
+    return plan
+
+
+def test_plan_expansion(tmp_path):
+    plan = plan_of(tmp_path, "--labels", "mnist=20,100", "--recipes", "seed,supervised,seed:k-logit", "--seeds", "0",
+                   "1", "--max-steps", "7", "--extra", "--tracker none")
+    variants = ["seed-two-head", "seed-k-plus-one", "seed-k-logit", "supervised"]  # a bare seed: every formulation
+    assert len(plan) == 2 * len(variants) * 2
+    assert [c.variant for c in plan[:4]] == variants and {c.dataset for c in plan} == {"mnist"}
+    assert [c.seed for c in plan] == [0] * 8 + [1] * 8  # seed-major: every cell once before any repeat
+    cell = Cell("mnist", "20", "seed", "two-head", 1)
+    assert cell in plan and cell.directory(tmp_path) == tmp_path / "runs/mnist/seed-two-head/labels-20/seed-1"
+    flags = cell.train_flags(tmp_path, None, 7, ["--tracker", "none"])
+    assert flags[flags.index("--formulation") + 1] == "two-head" and flags[-3:] == ["7", "--tracker", "none"]
+    baseline = Cell("mnist", "100", "supervised", None, 0)
+    assert baseline in plan and "--formulation" not in baseline.train_flags(tmp_path, 3, None, [])
+    config = parse_config(baseline.train_flags(tmp_path, 3, None, []))  # what the subprocess will run
+    assert (config.recipe, config.num_labels, config.seed, config.epochs) == ("supervised", "100", 0, 3)
+    assert config.output_dir == str(tmp_path / "runs/mnist/supervised/labels-100/seed-0")
+
+
+def test_default_plan_is_the_full_study(tmp_path):
+    plan = plan_of(tmp_path)
+    budgets = {(c.dataset, c.num_labels) for c in plan}
+    assert budgets == {("mnist", n) for n in ("20", "50", "100", "1000", "30000")} | \
+        {("fashion-mnist", "100"), ("fashion-mnist", "1000")}
+    assert {c.seed for c in plan} == {0, 1, 2}
+    assert {(c.recipe, c.formulation) for c in plan} >= {("seed", f) for f in FORMULATIONS} | {("supervised", None)}
+    assert len(plan) == len(budgets) * 3 * len({c.variant for c in plan})
+    assert {c.dataset for c in plan_of(tmp_path, "--labels", "fashion-mnist=100")} == {"fashion-mnist"}
+    assert {c.num_labels for c in plan_of(tmp_path, "--datasets", "mnist")} == {"20", "50", "100", "1000", "30000"}
+
+
+def test_a_new_recipe_joins_the_default_plan(monkeypatch):
+    monkeypatch.setattr(sgan_config, "RECIPES", ("seed", "supervised", "salimans"))
+    variants = parse_recipes(default_recipe_specs())
+    assert ("salimans", None) in variants and variants[-1] == ("supervised", None)  # the baseline last
+    assert parse_recipes(["salimans:two-head"]) == [("salimans", "two-head")]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--labels", "mnist=105"], "not a multiple of the 10 classes"),
+    (["--labels", "mnist"], "expected DATASET=N,N"),
+    (["--labels", "mnist=20,lots"], "'lots' in 'mnist=20,lots' is not a positive integer"),
+    (["--labels", "cifar=100"], "unknown dataset 'cifar'"),
+    (["--labels", "mnist=20", "mnist=50"], "mnist given twice"),
+    (["--datasets", "mnist", "--labels", "fashion-mnist=100"], "--labels names fashion-mnist"),
+    (["--recipes", "gan"], "unknown recipe 'gan'; this version has seed, supervised"),
+    (["--recipes", "seed:softmax"], "unknown formulation 'softmax'"),
+    (["--recipes", ","], "no recipe given"),
+    (["--seeds", "1", "1"], "--seeds must be distinct"),
+    (["--extra", "--seed 3"], "--extra may not set --seed"),
+    (["--extra", "--batch-size 0"], "--batch-size must be >= 1"),
+])
+def test_bad_specs_exit_with_a_message(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--study-dir", str(tmp_path), *flags])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def fake_run(study_dir, cell, error, steps=600):
+    folder = cell.directory(study_dir)
+    folder.mkdir(parents=True)
+    metrics = {"test_accuracy": 1 - error, "test_error": error, "num_labels": int(cell.num_labels),
+               "dataset": cell.dataset, "recipe": cell.recipe, "formulation": cell.formulation or "k-logit",
+               "seed": cell.seed, "steps": steps, "epochs": steps / 600, "wall_seconds": 1.0}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_aggregation_math_table_and_plot(tmp_path, capsys):
+    for seed, error in enumerate([0.10, 0.20, 0.30]):
+        fake_run(tmp_path, Cell("mnist", "20", "seed", "k-logit", seed), error)
+    for seed, error in enumerate([0.50, 0.70]):
+        fake_run(tmp_path, Cell("mnist", "20", "supervised", None, seed), error, steps=300)
+    fake_run(tmp_path, Cell("mnist", "100", "seed", "k-logit", 0), 0.05)
+    fake_run(tmp_path, Cell("fashion-mnist", "100", "supervised", None, 4), 0.25)
+    broken = Cell("mnist", "100", "supervised", None, 0).directory(tmp_path)
+    broken.mkdir(parents=True)
+    (broken / "metrics.json").write_text("{not json")
+
+    assert main(["--study-dir", str(tmp_path), "--aggregate-only"]) == 0
+    captured = capsys.readouterr()
+    assert "skipping" in captured.err and str(broken) in captured.err
+    table = (tmp_path / "results.md").read_text()
+    assert table == captured.out.rstrip("\n") + "\n"  # printed as written
+    assert "| dataset | labels | seed/k-logit | supervised |" in table
+    assert "| mnist | 20 | 20.00 ± 10.00 (n=3, 600 steps = 1 ep) | 60.00 ± 14.14 (n=2, 300 steps = 0.5 ep) |" in table
+    assert "| mnist | 100 | 5.00 ± 0.00 (n=1, 600 steps = 1 ep) | – |" in table
+    assert "| fashion-mnist | 100 | – | 25.00 ± 0.00 (n=1, 600 steps = 1 ep) |" in table
+    assert f"`python -m sgan.study --study-dir {tmp_path} --aggregate-only`" in table
+    assert table.index("| mnist | 20 |") < table.index("| mnist | 100 |") < table.index("| fashion-mnist")
+
+    cells = json.loads((tmp_path / "results.json").read_text())["cells"]
+    supervised = next(c for c in cells if c["dataset"] == "mnist" and c["label"] == "supervised")
+    assert supervised["test_error_mean"] == pytest.approx(0.6)
+    assert supervised["test_error_std"] == pytest.approx(0.02 ** 0.5)  # sample std: sqrt((0.1² + 0.1²) / (2 - 1))
+    assert supervised["test_accuracy_mean"] == pytest.approx(0.4)
+    assert [r["test_error"] for r in supervised["runs"]] == [0.5, 0.7] and supervised["n"] == 2
+    assert len(cells) == 4  # the unreadable run is not a cell
+
+    plot = tmp_path / "accuracy_vs_labels.png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(plot) as image:
+        image.verify()
+        assert image.size[0] > image.size[1]  # two datasets side by side
+
+
+def test_aggregate_only_without_runs_is_an_error(tmp_path, capsys):
+    assert main(["--study-dir", str(tmp_path), "--aggregate-only"]) == 1
+    assert "no finished runs" in capsys.readouterr().err
+    assert not (tmp_path / "results.md").exists()
+
+
+def study(study_dir, root, labels, recipes):
+    command = [sys.executable, "-m", "sgan.study", "--study-dir", str(study_dir), "--labels", labels,
+               "--recipes", recipes, "--seeds", "0", "--max-steps", "2",
+               "--extra", f"--batch-size 20 --tracker none --cpu --data-root {root}"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+
+
+def test_study_resumes_and_skips_finished_runs(tmp_path, mnist_root):
+    # An interrupted cell: a checkpoint at step 1 and no metrics.json (the run had stopped before the end).
+    interrupted = Cell("mnist", "20", "supervised", None, 0).directory(tmp_path)
+    train(parse_config(["--recipe", "supervised", "--num-labels", "20", "--seed", "0", "--output-dir", str(interrupted),
+                        "--max-steps", "1", "--batch-size", "20", "--tracker", "none", "--cpu", "--data-root",
+                        str(mnist_root)]))
+    (interrupted / "metrics.json").unlink()
+
+    first = study(tmp_path, mnist_root, "mnist=20", "seed:k-logit,supervised")
+    assert first.returncode == 0, first.stdout + first.stderr[-3000:]
+    assert "1 to resume, 1 to start" in first.stdout and "resuming from step_00000001" in first.stdout
+    resumed = json.loads((interrupted / "metrics.json").read_text())
+    assert resumed["steps"] == 2 and resumed["resumed_from"].endswith("step_00000001")
+    new = Cell("mnist", "20", "seed", "k-logit", 0).directory(tmp_path)
+    assert json.loads((new / "metrics.json").read_text())["formulation"] == "k-logit"
+    assert "| mnist | 20 |" in (tmp_path / "results.md").read_text()
+    mtimes = {p: p.stat().st_mtime_ns for p in (new / "metrics.json", interrupted / "metrics.json")}
+
+    second = study(tmp_path, mnist_root, "mnist=20", "seed:k-logit,supervised")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("done, skipped") == 2 and "ran 0, skipped 2, failed 0" in second.stdout
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+
+
+def test_a_failing_run_is_reported_and_the_study_goes_on(tmp_path, mnist_root):
+    result = study(tmp_path, mnist_root, "mnist=60000,20", "supervised")  # 60000: more than the smallest class allows
+    assert result.returncode == 1
+    assert "FAILED (exit code 1): error: --num-labels 60000 needs 6000 images per class" in result.stdout
+    assert "ran 2, skipped 0, failed 1" in result.stdout
+    assert (Cell("mnist", "20", "supervised", None, 0).directory(tmp_path) / "metrics.json").is_file()
+    assert "| mnist | 20 |" in (tmp_path / "results.md").read_text()
