@@ -18,7 +18,7 @@ STATE_FILE = "trainer_state.json"
 # Settings a resumed run must share with the run that wrote the checkpoint.
 FINGERPRINT_KEYS = (
     "dataset", "recipe", "formulation", "num_labels", "seed", "batch_size", "lr", "beta1", "unlabeled_weight",
-    "latent_dim", "g_width", "d_width", "dropout", "d_batchnorm", "freeze_bn_on_fakes",
+    "latent_dim", "g_width", "d_width", "dropout", "d_batchnorm", "freeze_bn_on_fakes", "lr_decay", "ema_decay",
 )
 
 
@@ -44,11 +44,18 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def save(accelerator, output_dir: Path, step: int, run_fingerprint: dict, extra: dict, keep: int) -> Path:
-    """Save a checkpoint at `step` (all processes call this) and keep only the newest `keep`."""
+def save(accelerator, output_dir: Path, step: int, run_fingerprint: dict, extra: dict, keep: int,
+         tensors: dict | None = None) -> Path:
+    """Save a checkpoint at `step` (all processes call this) and keep only the newest `keep`.
+
+    `tensors` ({name: state dict}) are saved as NAME.safetensors beside accelerate's files (e.g. D's EMA)."""
+    from safetensors.torch import save_file
+
     path = checkpoints_root(output_dir) / f"step_{step:08d}"
     accelerator.save_state(str(path), safe_serialization=True)
     if accelerator.is_main_process:
+        for name, state in (tensors or {}).items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path / f"{name}.safetensors"))
         state = {"step": step, "fingerprint": run_fingerprint, **extra}
         tmp = path / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(state, indent=1))
@@ -100,3 +107,15 @@ def load(accelerator, path: Path) -> None:
     except Exception as error:  # safetensors, torch.load(weights_only) and size mismatches all raise differently
         raise CheckpointError(f"{path}: cannot load the checkpoint ({type(error).__name__}: {error}); it is corrupt "
                               "or from another model: resume from another checkpoint or start again") from error
+
+
+def load_tensors(path: Path, name: str) -> dict:
+    """A state dict saved by save(tensors=...), read with safetensors (no code runs)."""
+    from safetensors.torch import load_file
+
+    file = path / f"{name}.safetensors"
+    try:
+        return load_file(str(file))
+    except Exception as error:  # missing or damaged file
+        raise CheckpointError(f"{file}: cannot read ({type(error).__name__}: {error}); resume from another "
+                              "checkpoint or start again") from error

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +15,14 @@ import yaml
 from .data import DATASETS, parse_num_labels
 from .losses import FORMULATIONS
 
-RECIPES = ("seed", "supervised")
+RECIPES = ("seed", "supervised", "salimans")
+# Defaults a recipe brings (below a --config file and command-line flags). salimans: Salimans et al. (2016),
+# MNIST: Adam 0.003 / 0.5, batch 100, linear decay, EMA of D for evaluation. Its unsupervised loss is
+# 0.5 * (real + fake) in the paper's code with unlabeled weight 1, which is --unlabeled-weight 0.5 here.
+RECIPE_DEFAULTS = {
+    "salimans": {"formulation": "k-logit", "lr": 0.003, "beta1": 0.5, "batch_size": 100, "unlabeled_weight": 0.5,
+                 "lr_decay": "linear", "ema_decay": 0.999},
+}
 TRACKERS = ("wandb", "tensorboard", "none")
 LOSS_BACKENDS = ("auto", "cpp", "cuda", "torch")
 
@@ -23,7 +31,8 @@ LOSS_BACKENDS = ("auto", "cpp", "cuda", "torch")
 class TrainConfig:
     dataset: str = field(default="mnist", metadata={"help": "dataset", "choices": sorted(DATASETS)})
     recipe: str = field(default="seed", metadata={
-        "help": "seed: the semi-supervised GAN; supervised: the same D trained on the labeled images only (baseline)",
+        "help": "seed: the semi-supervised conv GAN; supervised: the same D trained on the labeled images only "
+                "(baseline); salimans: Salimans et al. (2016), MLP D with weight norm and noise, feature matching",
         "choices": RECIPES})
     formulation: str = field(default="k-logit", metadata={
         "help": "D's loss: two-head (K-class softmax + real/fake sigmoid), k-plus-one (softmax over K+1, fake = K), "
@@ -36,6 +45,10 @@ class TrainConfig:
         "help": "images per batch and process: each step D sees this many unlabeled, labeled and generated images"})
     lr: float = field(default=2e-4, metadata={"help": "Adam learning rate for D and G"})
     beta1: float = field(default=0.5, metadata={"help": "Adam beta1"})
+    lr_decay: str = field(default="none", metadata={
+        "help": "learning-rate schedule: none, or linear (to 0 at the end of --epochs; --max-steps does not change it)", "choices": ("none", "linear")})
+    ema_decay: float = field(default=0.0, metadata={
+        "help": "exponential moving average of D's weights, used for evaluation (0: off; salimans: 0.999)"})
     unlabeled_weight: float = field(default=1.0, metadata={"help": "weight of the real/fake (unsupervised) D loss"})
     seed: int = field(default=0, metadata={"help": "seed for the labeled subset, initialisation and batches"})
     output_dir: str = field(default="runs/default", metadata={"help": "where the run writes its files"})
@@ -83,6 +96,7 @@ class TrainConfig:
             (0 <= self.beta1 < 1, "--beta1 must be in [0, 1)"),
             (self.unlabeled_weight >= 0, "--unlabeled-weight must be >= 0"),
             (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
+            (0 <= self.ema_decay < 1, "--ema-decay must be in [0, 1)"),
             (self.eval_batch_size >= 1, "--eval-batch-size must be >= 1"),
             (self.log_every >= 1, "--log-every must be >= 1"),
             (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
@@ -165,13 +179,19 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """Flags (and an optional YAML file) -> a validated TrainConfig. Exits with a usage message on errors."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    file_values = {}
     if args.config:
         try:
             file_values = load_yaml_config(args.config)
         except ValueError as error:
             parser.error(str(error))
-        parser.set_defaults(**file_values)
-        args = parser.parse_args(argv)  # command-line flags still win over the file
+    # the recipe as finally chosen (flag, else file, else default) brings its defaults, below file and flags
+    given = sys.argv[1:] if argv is None else argv
+    recipe_flag = any(a == "--recipe" or a.startswith("--recipe=") for a in given)
+    recipe = args.recipe if recipe_flag else file_values.get("recipe", args.recipe)
+    parser.set_defaults(**RECIPE_DEFAULTS.get(recipe, {}))
+    parser.set_defaults(**file_values)
+    args = parser.parse_args(argv)  # command-line flags still win over both
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     values["num_labels"] = str(values["num_labels"])
     config = TrainConfig(**values)

@@ -21,7 +21,7 @@ from .checkpoints import STATE_FILE
 from .config import TrainConfig, load_yaml_config
 from .data import DataError, dataset_info, load_split
 from .losses import class_logits
-from .models import Discriminator, Generator
+from .models import build_discriminator, build_generator
 
 RUN_WEIGHTS = ("model/discriminator.safetensors", "model/generator.safetensors")
 # accelerate's save_state names the prepared models in order: train.py prepares D first, then G.
@@ -104,12 +104,11 @@ def load_weights(module: torch.nn.Module, file: Path, config_file: Path) -> None
 def build_models(source: Source, config: TrainConfig, device: torch.device):
     """D (and G when its weights exist) as configured by the run, weights loaded, in eval mode on `device`."""
     info = dataset_info(config.dataset)
-    discriminator = Discriminator(info.num_classes, config.formulation, width=config.d_width, dropout=config.dropout,
-                                  batchnorm=config.d_batchnorm)
+    discriminator = build_discriminator(config, info.num_classes)
     load_weights(discriminator, source.discriminator_file, source.config_file)
     generator = None
     if source.generator_file is not None:
-        generator = Generator(config.latent_dim, width=config.g_width)
+        generator = build_generator(config)
         load_weights(generator, source.generator_file, source.config_file)
         generator.to(device).eval()
     return discriminator.to(device).eval(), generator
@@ -233,7 +232,7 @@ def evaluate(path: Path, out: Path | None = None, data_root: str | None = None, 
                           f"test accuracy {100 * result['test_accuracy']:.2f}%")
     result["files"] = {"confusion_matrix": str(out / "confusion_matrix.png")}
     if generator is not None:
-        save_sample_grid(generator, out / "evaluation_samples.png", config.latent_dim, torch_device, config.seed)
+        save_sample_grid(generator, out / "evaluation_samples.png", torch_device, config.seed)
         result["files"]["samples"] = str(out / "evaluation_samples.png")
     (out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
     result["files"]["evaluation"] = str(out / "evaluation.json")

@@ -5,6 +5,8 @@ Each step of the seed recipe:
      batch by its own statistics), one loss call over the concatenated logits with per-row targets
      (class / UNLABELED / GENERATED), loss = CE / n_labeled + w * (real / n_real + fake / n_generated).
   2. G step: non-saturating loss -log D(G(z)).
+The salimans recipe (Salimans et al. 2016) has the same D step with its MLP D, trains G by feature matching,
+decays the learning rate linearly and evaluates an exponential moving average of D's weights.
 The supervised recipe runs the same D on the labeled batches only: the baseline every claim is measured against.
 """
 from __future__ import annotations
@@ -27,7 +29,7 @@ from .batches import StepBatches
 from .config import TrainConfig, parse_config
 from .data import DataError, dataset_info, load_split, parse_num_labels, select_labeled_indices
 from .losses import GENERATED, UNLABELED, class_logits
-from .models import Discriminator, Generator
+from .models import build_discriminator, build_generator
 from .tracking import start_tracker, wandb_images
 
 
@@ -77,10 +79,13 @@ def evaluate(accelerator, discriminator, images, labels, config: TrainConfig) ->
     return int(accelerator.reduce(correct, reduction="sum")) / len(images)
 
 
-def save_sample_grid(generator, path: Path, latent_dim: int, device, seed: int, rows: int = 10) -> None:
+def save_sample_grid(generator, path: Path, device, seed: int, rows: int = 10) -> None:
+    """A rows x rows grid of G's samples from fixed noise (the same at every evaluation of a run)."""
     from torchvision.utils import save_image
 
-    z = torch.randn(rows * rows, latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(seed)
+        z = generator.sample_latent(rows * rows, device)
     was_training = generator.training
     generator.eval()
     with torch.no_grad():
@@ -152,7 +157,8 @@ def train(config: TrainConfig) -> dict:
         output_dir.mkdir(parents=True, exist_ok=True)
     rank, world_size, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     info = dataset_info(config.dataset)
-    semi_supervised = config.recipe == "seed"
+    semi_supervised = config.recipe != "supervised"
+    feature_matching = config.recipe == "salimans"  # G matches D's mean features; else non-saturating -log D(G(z))
     if config.sync_bn and device.type != "cuda":
         raise ValueError("--sync-bn synchronises BatchNorm across GPUs and needs CUDA; this run is on "
                          f"{device.type}: drop --sync-bn")
@@ -171,20 +177,24 @@ def train(config: TrainConfig) -> dict:
     labeled_batches = StepBatches(len(labeled), labeled_batch, config.seed, "labeled", rank, world_size)
     unlabeled_batches = StepBatches(len(train_images), config.batch_size, config.seed, "unlabeled", rank, world_size)
     steps_per_epoch = batches.steps_per_epoch(len(train_images), config.batch_size, world_size)
-    total_steps = config.epochs * steps_per_epoch
+    total_steps = schedule_steps = config.epochs * steps_per_epoch  # the lr schedule follows --epochs
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     epochs = math.ceil(total_steps / steps_per_epoch)
 
     # ---- models and optimisers (identical initial weights on every process)
     torch.manual_seed(config.seed)
-    discriminator = Discriminator(info.num_classes, config.formulation, width=config.d_width, dropout=config.dropout,
-                                  batchnorm=config.d_batchnorm)
+    discriminator = build_discriminator(config, info.num_classes)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=(config.beta1, 0.999))
     generator = opt_g = None
     if semi_supervised:
-        generator = Generator(config.latent_dim, width=config.g_width)
+        generator = build_generator(config)
         opt_g = torch.optim.Adam(generator.parameters(), lr=config.lr, betas=(config.beta1, 0.999))
+    if hasattr(discriminator, "init_from_batch") and not config.resume:
+        # data-dependent initialisation (Salimans): on the first global batch, identical on every process
+        first = StepBatches(len(train_images), config.batch_size, config.seed, "unlabeled", 0, world_size).indices(0)
+        discriminator.to(device).init_from_batch(train_images[first.to(device)])
+        generator.to(device).init_from_batch(generator.sample_latent(config.batch_size, device))
     if config.sync_bn:
         discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
         if generator is not None:
@@ -194,6 +204,13 @@ def train(config: TrainConfig) -> dict:
     else:
         discriminator, opt_d = accelerator.prepare(discriminator, opt_d)
     plain_d = accelerator.unwrap_model(discriminator)  # for the G step and evaluation (see below)
+    plain_g = accelerator.unwrap_model(generator) if generator is not None else None
+    ema = None
+    if config.ema_decay > 0:  # an average of D's weights, the classifier that is evaluated
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(plain_d, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+    classifier = ema.module if ema is not None else plain_d
     backend = ops.resolve_backend(config.loss_backend, device)
 
     def loss_sums(logits, target):
@@ -208,6 +225,9 @@ def train(config: TrainConfig) -> dict:
         state = checkpoints.read_state(last_checkpoint, run_fingerprint)
         checkpoints.load(accelerator, last_checkpoint)
         start_step, history, wall_before = state["step"], state.get("history", []), state.get("wall_seconds", 0.0)
+        if ema is not None:
+            ema.module.load_state_dict(checkpoints.load_tensors(last_checkpoint, "ema"))
+            ema.n_averaged.fill_(max(start_step, 1))
         if start_step > total_steps:
             raise checkpoints.CheckpointError(f"{last_checkpoint} is at step {start_step}, past this run's "
                                               f"{total_steps} steps: raise --max-steps or --epochs")
@@ -227,7 +247,8 @@ def train(config: TrainConfig) -> dict:
 
     def save_checkpoint(step: int):
         extra = {"history": history, "wall_seconds": wall_before + time.perf_counter() - start}
-        return checkpoints.save(accelerator, output_dir, step, run_fingerprint, extra, config.keep_checkpoints)
+        tensors = {"ema": ema.module.state_dict()} if ema is not None else None
+        return checkpoints.save(accelerator, output_dir, step, run_fingerprint, extra, config.keep_checkpoints, tensors)
 
     # ---- the loop
     test_accuracy = history[-1]["test_accuracy"] if history else None
@@ -238,6 +259,10 @@ def train(config: TrainConfig) -> dict:
         for step in range(start_step, total_steps):
             inject_failure(step, rank)
             batches.seed_step(config.seed, step, rank)  # noise and dropout: a function of (seed, step, rank)
+            if config.lr_decay == "linear":
+                for optimizer in (opt_d, opt_g):
+                    for group in optimizer.param_groups if optimizer is not None else ():
+                        group["lr"] = config.lr * (1 - step / schedule_steps)
             picked = labeled_batches.indices(step).to(device)
             labeled_images, labels = labeled_images_all[picked], labeled_labels_all[picked]
 
@@ -246,7 +271,7 @@ def train(config: TrainConfig) -> dict:
             targets = [labels]
             if semi_supervised:
                 unlabeled_images = train_images[unlabeled_batches.indices(step).to(device)]
-                z = torch.randn(config.batch_size, config.latent_dim, device=device)
+                z = plain_g.sample_latent(config.batch_size, device)
                 fake_images = generator(z).detach()
                 logits.append(discriminator(unlabeled_images))
                 targets.append(torch.full((len(unlabeled_images),), UNLABELED, device=device))
@@ -262,17 +287,23 @@ def train(config: TrainConfig) -> dict:
             opt_d.zero_grad(set_to_none=True)
             accelerator.backward(d_loss)
             opt_d.step()
+            if ema is not None:
+                ema.update_parameters(plain_d)
 
             # G step: non-saturating -log D(G(z)). It runs the *unwrapped* D with its parameters frozen: D is
             # not updated here, so DDP has no D gradients to synchronise (none are computed), and a G loss
             # that leaves some D parameters unused (feature matching) needs no find_unused_parameters.
             g_loss = None
             if semi_supervised:
-                z = torch.randn(config.batch_size, config.latent_dim, device=device)
+                z = plain_g.sample_latent(config.batch_size, device)
                 with bn_stats_frozen(plain_d, config.freeze_bn_on_fakes), frozen(plain_d), accelerator.autocast():
-                    fake_logits = plain_d(generator(z))
-                g_target = torch.full((len(fake_logits),), UNLABELED, device=device)
-                g_loss = loss_sums(fake_logits, g_target)[1] / len(fake_logits)
+                    if feature_matching:  # squared gap of the mean last-hidden-layer features
+                        gap = plain_d.features(unlabeled_images).mean(0) - plain_d.features(generator(z)).mean(0)
+                        g_loss = gap.square().mean()
+                    else:
+                        fake_logits = plain_d(generator(z))
+                        g_target = torch.full((len(fake_logits),), UNLABELED, device=device)
+                        g_loss = loss_sums(fake_logits, g_target)[1] / len(fake_logits)
                 opt_g.zero_grad(set_to_none=True)
                 accelerator.backward(g_loss)
                 opt_g.step()
@@ -290,7 +321,7 @@ def train(config: TrainConfig) -> dict:
                 accelerator.log(losses, step=step + 1)
 
             if (step + 1) % steps_per_epoch == 0 or step + 1 == total_steps:
-                test_accuracy = evaluate(accelerator, plain_d, test_images, test_labels, config)
+                test_accuracy = evaluate(accelerator, classifier, test_images, test_labels, config)
                 epoch = (step + 1) / steps_per_epoch
                 history.append({"epoch": round(epoch, 4), "step": step + 1, "test_accuracy": test_accuracy})
                 if accelerator.is_local_main_process:
@@ -332,13 +363,13 @@ def train(config: TrainConfig) -> dict:
     }
     if accelerator.is_main_process:
         (output_dir / "model").mkdir(exist_ok=True)
-        for name, network in {"discriminator": discriminator, "generator": generator}.items():
+        # discriminator.safetensors holds the classifier that was evaluated (D's EMA when --ema-decay > 0)
+        for name, network in {"discriminator": classifier, "generator": plain_g}.items():
             if network is not None:
-                state = {k: v.detach().cpu().contiguous() for k, v in accelerator.unwrap_model(network).state_dict().items()}
+                state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
                 save_file(state, str(output_dir / "model" / f"{name}.safetensors"))
         if generator is not None:
-            save_sample_grid(accelerator.unwrap_model(generator), output_dir / "samples.png", config.latent_dim,
-                             device, config.seed)
+            save_sample_grid(accelerator.unwrap_model(generator), output_dir / "samples.png", device, config.seed)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     accelerator.wait_for_everyone()
     if tracking:
@@ -353,7 +384,7 @@ def log_evaluation(accelerator, config, generator, output_dir: Path, step: int, 
     values = {"test_accuracy": accuracy, "epoch": epoch}
     if generator is not None and accelerator.is_main_process:
         path = output_dir / "samples.png"
-        save_sample_grid(accelerator.unwrap_model(generator), path, config.latent_dim, accelerator.device, config.seed)
+        save_sample_grid(accelerator.unwrap_model(generator), path, accelerator.device, config.seed)
         if config.tracker == "wandb":
             values.update(wandb_images({"samples": path}))
     accelerator.log(values, step=step)
