@@ -1,4 +1,4 @@
-"""Build the fused loss op in csrc/ (see csrc/README_SECTION.md, "The fused loss op").
+"""Build the fused loss op in csrc/ (see README.md, "The fused loss op").
 
 Three ways, sharing the source list and flags defined here:
   * at install: setup.py calls ``setuptools_extensions()``, which builds the extension ``sgan._C``;
