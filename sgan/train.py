@@ -327,7 +327,7 @@ def train(config: TrainConfig) -> dict:
                 if accelerator.is_local_main_process:
                     progress.write(f"epoch {epoch:.2f}/{epochs}  step {step + 1}  test accuracy {test_accuracy:.4f}")
                 if tracking:
-                    log_evaluation(accelerator, config, generator, output_dir, step + 1, test_accuracy, epoch)
+                    log_evaluation(accelerator, config, plain_g, output_dir, step + 1, test_accuracy, epoch)
             if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < total_steps:
                 last_checkpoint = save_checkpoint(step + 1)
             if stop.requested(accelerator):
@@ -368,8 +368,8 @@ def train(config: TrainConfig) -> dict:
             if network is not None:
                 state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
                 save_file(state, str(output_dir / "model" / f"{name}.safetensors"))
-        if generator is not None:
-            save_sample_grid(accelerator.unwrap_model(generator), output_dir / "samples.png", device, config.seed)
+        if plain_g is not None:
+            save_sample_grid(plain_g, output_dir / "samples.png", device, config.seed)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     accelerator.wait_for_everyone()
     if tracking:
@@ -379,12 +379,14 @@ def train(config: TrainConfig) -> dict:
     return metrics
 
 
-def log_evaluation(accelerator, config, generator, output_dir: Path, step: int, accuracy: float, epoch: float):
-    """Test accuracy to the tracker, and on W&B the current sample grid too (main process only)."""
+def log_evaluation(accelerator, config, plain_g, output_dir: Path, step: int, accuracy: float, epoch: float):
+    """Test accuracy to the tracker, and on W&B the current sample grid too (main process only).
+
+    plain_g is the unwrapped G (or None): sampling needs no DDP wrapper."""
     values = {"test_accuracy": accuracy, "epoch": epoch}
-    if generator is not None and accelerator.is_main_process:
+    if plain_g is not None and accelerator.is_main_process:
         path = output_dir / "samples.png"
-        save_sample_grid(accelerator.unwrap_model(generator), path, accelerator.device, config.seed)
+        save_sample_grid(plain_g, path, accelerator.device, config.seed)
         if config.tracker == "wandb":
             values.update(wandb_images({"samples": path}))
     accelerator.log(values, step=step)
