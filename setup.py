@@ -45,7 +45,8 @@ setup(
         "pyyaml",  # --config files
         "matplotlib",  # plots of results
     ],
-    extras_require={"test": ["pytest>=8", "hypothesis>=6"]},
+    # svhn: reading SVHN's .mat files (sgan.data tells to install it when missing); the tests read small ones
+    extras_require={"test": ["pytest>=8", "hypothesis>=6", "scipy"], "svhn": ["scipy"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={"console_scripts": ["sgan-train=sgan.train:main", "sgan-data=sgan.data:main",

