@@ -49,6 +49,14 @@ class TrainConfig:
         "help": "learning-rate schedule: none, or linear (to 0 at the end of --epochs; --max-steps does not change it)", "choices": ("none", "linear")})
     ema_decay: float = field(default=0.0, metadata={
         "help": "exponential moving average of D's weights, used for evaluation (0: off; salimans: 0.999)"})
+    networks: str = field(default="auto", metadata={
+        "help": "the D and G architectures: seed (conv, DCGAN-style) or salimans (Salimans et al.: MLPs for 28x28 "
+                "grey images, convs for 32x32 RGB); auto: salimans for --recipe salimans, else seed. "
+                "--recipe supervised --networks salimans is the supervised baseline of the salimans recipe",
+        "choices": ("auto", "seed", "salimans")})
+    g_output: str = field(default="softplus", metadata={
+        "help": "output layer of the salimans 28x28 G: softplus (default, learns faster here) or sigmoid (the paper's)",
+        "choices": ("softplus", "sigmoid")})
     unlabeled_weight: float = field(default=1.0, metadata={"help": "weight of the real/fake (unsupervised) D loss"})
     seed: int = field(default=0, metadata={"help": "seed for the labeled subset, initialisation and batches"})
     output_dir: str = field(default="runs/default", metadata={"help": "where the run writes its files"})
@@ -111,6 +119,12 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    def network_family(self) -> str:
+        """seed or salimans: --networks, or the recipe's own when it is auto."""
+        if self.networks != "auto":
+            return self.networks
+        return "salimans" if self.recipe == "salimans" else "seed"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

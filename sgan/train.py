@@ -176,6 +176,8 @@ def train(config: TrainConfig) -> dict:
     labeled_batch = min(config.batch_size, len(labeled))
     labeled_batches = StepBatches(len(labeled), labeled_batch, config.seed, "labeled", rank, world_size)
     unlabeled_batches = StepBatches(len(train_images), config.batch_size, config.seed, "unlabeled", rank, world_size)
+    # feature matching compares G's features with those of another unlabeled batch (as the paper's code)
+    matching_batches = StepBatches(len(train_images), config.batch_size, config.seed, "matching", rank, world_size)
     steps_per_epoch = batches.steps_per_epoch(len(train_images), config.batch_size, world_size)
     total_steps = schedule_steps = config.epochs * steps_per_epoch  # the lr schedule follows --epochs
     if config.max_steps is not None:
@@ -298,7 +300,8 @@ def train(config: TrainConfig) -> dict:
                 z = plain_g.sample_latent(config.batch_size, device)
                 with bn_stats_frozen(plain_d, config.freeze_bn_on_fakes), frozen(plain_d), accelerator.autocast():
                     if feature_matching:  # squared gap of the mean last-hidden-layer features
-                        gap = plain_d.features(unlabeled_images).mean(0) - plain_d.features(generator(z)).mean(0)
+                        real_images = train_images[matching_batches.indices(step).to(device)]
+                        gap = plain_d.features(real_images).mean(0) - plain_d.features(generator(z)).mean(0)
                         g_loss = gap.square().mean()
                     else:
                         fake_logits = plain_d(generator(z))
@@ -323,7 +326,8 @@ def train(config: TrainConfig) -> dict:
             if (step + 1) % steps_per_epoch == 0 or step + 1 == total_steps:
                 test_accuracy = evaluate(accelerator, classifier, test_images, test_labels, config)
                 epoch = (step + 1) / steps_per_epoch
-                history.append({"epoch": round(epoch, 4), "step": step + 1, "test_accuracy": test_accuracy})
+                history.append({"epoch": round(epoch, 4), "step": step + 1, "test_accuracy": test_accuracy,
+                                "wall_seconds": round(wall_before + time.perf_counter() - start, 2)})
                 if accelerator.is_local_main_process:
                     progress.write(f"epoch {epoch:.2f}/{epochs}  step {step + 1}  test accuracy {test_accuracy:.4f}")
                 if tracking:

@@ -39,7 +39,11 @@ def test_salimans_models_shapes_and_noise():
     z = g.sample_latent(8, "cpu")
     assert z.min() >= 0 and z.max() <= 1  # uniform noise
     images = g(z)
-    assert images.shape == (8, 1, 28, 28) and images.min() >= -1 and images.max() <= 1
+    assert images.shape == (8, 1, 28, 28) and images.min() >= -1  # softplus pixels: [0, inf) -> [-1, inf)
+    paper = SalimansGenerator(output="sigmoid")(z)
+    assert paper.min() >= -1 and paper.max() <= 1
+    with pytest.raises(ValueError, match="generator output"):
+        SalimansGenerator(output="tanh")
     assert d(images).shape == (8, 10) and d.features(images).shape == (8, 250)
     d.eval()
     assert torch.equal(d(images), d(images))  # noise only in training mode
