@@ -9,7 +9,7 @@ LAUNCH_ARGS ?= --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_
 # Flags for pytest, e.g. make test PYTEST_ARGS="-m slow"
 PYTEST_ARGS ?=
 
-.PHONY: setup train test test-all cuda-check benchmark study clean
+.PHONY: setup train test test-all cuda-check benchmark benchmark-training study clean
 
 setup: $(VENV)/.installed data/MNIST/raw/.prepared
 
@@ -43,6 +43,10 @@ cuda-check: setup
 # The fused loss op against eager PyTorch, torch.compile and the memory-bandwidth floor.
 benchmark: setup
 	$(PY) benchmarks/loss.py
+
+# Training throughput per recipe and loss backend (benchmarks/training.py; time-to-accuracy: see README)
+benchmark-training: setup
+	$(PY) benchmarks/training.py throughput $(ARGS)
 
 # The label-budget study (see README, "Running the study"), e.g. make study ARGS="--dry-run"
 study: setup

@@ -358,6 +358,7 @@ def train(config: TrainConfig) -> dict:
         "steps": total_steps,
         "epochs": total_steps / steps_per_epoch,
         "wall_seconds": wall_seconds,
+        "images_per_step": real_per_step,  # real images D trains on per step (labeled + unlabeled), all processes
         "images_per_second": real_per_step * (total_steps - start_step) / max(time.perf_counter() - start, 1e-9),
         "loss_backend": backend,
         "world_size": world_size,

@@ -1,0 +1,166 @@
+"""Training speed on this machine: throughput per recipe and loss backend, and time to a test accuracy.
+
+    python benchmarks/training.py throughput [--recipes seed,salimans,supervised] [--backends cpp,torch]
+                                             [--steps 120] [--warmup-steps 20] [--threads N] [--data-root DIR]
+    python benchmarks/training.py time-to-accuracy RUN_DIR [RUN_DIR ...] [--targets 0.98,0.99]
+
+throughput  trains each (recipe, backend) twice in this process, for --warmup-steps and for --warmup-steps +
+            --steps steps (MNIST, 100 labels, seed 0, no tracker, no checkpoints), and divides the extra steps by
+            the extra wall time: set-up, the first slow steps and the final evaluation cancel out. Side by side in
+            one run, so the ratios hold even where absolute times are noisy. images/s counts the real images
+            D trains on per step (labeled + unlabeled), as metrics.json does.
+time-to-accuracy  reads finished runs' metrics.json (per-epoch test accuracy and wall time, e.g. the study's
+            runs) and reports, per run and over the runs, the wall time and epoch at which the test accuracy
+            first reached each target (evaluated once per epoch, so the time is that epoch's end).
+Both print a table and write JSON (default benchmarks/results/training_<command>.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "platform": platform.platform()}
+
+
+def train_once(recipe: str, backend: str, steps: int, data_root: str | None, workdir: Path) -> dict:
+    from sgan.config import parse_config
+    from sgan.train import train
+
+    flags = ["--recipe", recipe, "--loss-backend", backend, "--max-steps", str(steps), "--epochs", "1",
+             "--seed", "0", "--tracker", "none", "--checkpoint-every", "0", "--cpu",
+             "--output-dir", str(workdir / f"{recipe}-{backend}-{steps}")]
+    if data_root:
+        flags += ["--data-root", data_root]
+    return train(parse_config(flags))
+
+
+def throughput(args) -> dict:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="sgan-bench-") as tmp:
+        for recipe in args.recipes:
+            for backend in args.backends:
+                short = train_once(recipe, backend, args.warmup_steps, args.data_root, Path(tmp))
+                long = train_once(recipe, backend, args.warmup_steps + args.steps, args.data_root, Path(tmp))
+                seconds = long["wall_seconds"] - short["wall_seconds"]
+                steps_per_second = args.steps / seconds
+                rows.append({"recipe": recipe, "loss_backend": long["loss_backend"], "steps": args.steps,
+                             "seconds": seconds, "steps_per_second": steps_per_second,
+                             "images_per_second": steps_per_second * long["images_per_step"]})
+    by_recipe = {}
+    for row in rows:
+        by_recipe.setdefault(row["recipe"], {})[row["loss_backend"]] = row["steps_per_second"]
+    print(f"\ntraining throughput, MNIST, batch 100, {torch.get_num_threads()} thread(s): steps/s over "
+          f"{args.steps} steps after {args.warmup_steps}")
+    print(f"{'recipe':<11} {'backend':<8} {'steps/s':>8} {'images/s':>9} {'vs torch':>9}")
+    for row in rows:
+        base = by_recipe[row["recipe"]].get("torch")
+        ratio = f"{row['steps_per_second'] / base:.2f}x" if base else "-"
+        print(f"{row['recipe']:<11} {row['loss_backend']:<8} {row['steps_per_second']:>8.2f} "
+              f"{row['images_per_second']:>9.0f} {ratio:>9}")
+    return {"command": "throughput", "machine": machine(), "rows": rows}
+
+
+def first_reaching(history: list[dict], target: float) -> dict | None:
+    for entry in history:
+        if entry["test_accuracy"] >= target:
+            return entry
+    return None
+
+
+def time_to_accuracy(args) -> dict:
+    runs = []
+    for run_dir in args.runs:
+        path = Path(run_dir) / "metrics.json"
+        if not path.is_file():
+            raise SystemExit(f"error: {path} not found: pass the output directories of finished runs")
+        metrics = json.loads(path.read_text())
+        history = metrics.get("history") or []
+        if not history or "wall_seconds" not in history[0]:
+            raise SystemExit(f"error: {path} has no per-epoch wall time (written by sgan before its history "
+                             "recorded it): re-run that training")
+        reached = {}
+        for target in args.targets:
+            entry = first_reaching(history, target)
+            reached[str(target)] = None if entry is None else {"epoch": entry["epoch"],
+                                                               "wall_seconds": entry["wall_seconds"]}
+        runs.append({"run": str(run_dir), "recipe": metrics["recipe"], "seed": metrics["seed"],
+                     "num_labels": metrics["num_labels"], "epochs": metrics["epochs"],
+                     "final_accuracy": metrics["test_accuracy"],
+                     "best_accuracy": max(e["test_accuracy"] for e in history),
+                     "wall_seconds": metrics["wall_seconds"], "reached": reached})
+    print(f"\ntime to test accuracy (evaluated once per epoch)")
+    header = f"{'run':<40} {'epochs':>6} {'final':>7} {'best':>7} " + " ".join(
+        f"{'to ' + format(t, '.0%'):>16}" for t in args.targets)
+    print(header)
+    for run in runs:
+        cells = []
+        for target in args.targets:
+            hit = run["reached"][str(target)]
+            cells.append(f"{'not reached':>16}" if hit is None else
+                         f"{hit['wall_seconds'] / 60:>7.1f} min (ep {hit['epoch']:g})".rjust(16))
+        print(f"{Path(run['run']).name if len(run['run']) > 40 else run['run']:<40} {run['epochs']:>6g} "
+              f"{run['final_accuracy']:>7.2%} {run['best_accuracy']:>7.2%} " + " ".join(cells))
+    summary = {}
+    for target in args.targets:
+        hits = [r["reached"][str(target)] for r in runs if r["reached"][str(target)] is not None]
+        summary[str(target)] = {"runs_reaching": len(hits), "runs": len(runs),
+                                "median_wall_seconds": statistics.median(h["wall_seconds"] for h in hits) if hits else None,
+                                "median_epoch": statistics.median(h["epoch"] for h in hits) if hits else None}
+        if hits:
+            print(f"{target:.0%}: reached by {len(hits)}/{len(runs)} runs, median "
+                  f"{summary[str(target)]['median_wall_seconds'] / 60:.1f} min (epoch {summary[str(target)]['median_epoch']:g})")
+        else:
+            print(f"{target:.0%}: reached by none of the {len(runs)} runs")
+    return {"command": "time-to-accuracy", "machine": machine(), "runs": runs, "summary": summary}
+
+
+def comma_list(text: str) -> list[str]:
+    return [part for part in text.split(",") if part]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    speed = commands.add_parser("throughput", help="steps/s per recipe and loss backend")
+    speed.add_argument("--recipes", type=comma_list, default=["seed", "salimans", "supervised"])
+    speed.add_argument("--backends", type=comma_list, default=["cpp", "torch"])
+    speed.add_argument("--steps", type=int, default=120, help="timed steps (after the warm-up)")
+    speed.add_argument("--warmup-steps", type=int, default=20)
+    speed.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    speed.add_argument("--data-root", default=None, help="data root (default: $SGAN_DATA_ROOT or ./data)")
+    speed.add_argument("--out", type=Path, default=RESULTS / "training_throughput.json")
+    reach = commands.add_parser("time-to-accuracy", help="wall time to test-accuracy targets, from finished runs")
+    reach.add_argument("runs", nargs="+", help="output directories of finished runs (with metrics.json)")
+    reach.add_argument("--targets", type=lambda text: [float(t) for t in comma_list(text)], default=[0.98, 0.99])
+    reach.add_argument("--out", type=Path, default=RESULTS / "training_time_to_accuracy.json")
+    args = parser.parse_args(argv)
+    if args.command == "throughput" and (args.steps < 1 or args.warmup_steps < 1):
+        parser.error("--steps and --warmup-steps must be >= 1")
+    result = throughput(args) if args.command == "throughput" else time_to_accuracy(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""benchmarks/training.py's time-to-accuracy report, on made-up runs (the throughput half trains for real and is
+exercised by `make benchmark-training`)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "training.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_training", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_run(path: Path, accuracies, seed: int, wall_per_epoch: float = 40.0) -> Path:
+    history = [{"epoch": i + 1, "step": 600 * (i + 1), "test_accuracy": a, "wall_seconds": wall_per_epoch * (i + 1)}
+               for i, a in enumerate(accuracies)]
+    path.mkdir(parents=True)
+    (path / "metrics.json").write_text(json.dumps({
+        "recipe": "salimans", "seed": seed, "num_labels": 100, "epochs": len(accuracies),
+        "test_accuracy": accuracies[-1], "wall_seconds": wall_per_epoch * len(accuracies), "history": history}))
+    return path
+
+
+def test_time_to_accuracy_takes_the_first_epoch_at_or_above_each_target(tmp_path, bench, capsys):
+    fast = write_run(tmp_path / "a", [0.9, 0.981, 0.975, 0.99], seed=0)  # dips below 98% after reaching it
+    slow = write_run(tmp_path / "b", [0.9, 0.95, 0.97, 0.985], seed=1)
+    out = tmp_path / "result.json"
+    assert bench.main(["time-to-accuracy", str(fast), str(slow), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    first, second = result["runs"]
+    assert first["reached"]["0.98"] == {"epoch": 2, "wall_seconds": 80.0}
+    assert first["reached"]["0.99"] == {"epoch": 4, "wall_seconds": 160.0}
+    assert second["reached"]["0.98"] == {"epoch": 4, "wall_seconds": 160.0} and second["reached"]["0.99"] is None
+    assert first["best_accuracy"] == 0.99 and second["final_accuracy"] == 0.985
+    assert result["summary"]["0.98"] == {"runs_reaching": 2, "runs": 2, "median_wall_seconds": 120.0,
+                                         "median_epoch": 3.0}
+    assert result["summary"]["0.99"]["runs_reaching"] == 1
+    assert "not reached" in capsys.readouterr().out
+
+
+def test_time_to_accuracy_refuses_runs_without_per_epoch_wall_time(tmp_path, bench):
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"recipe": "seed", "history": [{"epoch": 1, "test_accuracy": 0.9}]}))
+    with pytest.raises(SystemExit, match="no per-epoch wall time"):
+        bench.main(["time-to-accuracy", str(run), "--out", str(tmp_path / "r.json")])
+    with pytest.raises(SystemExit, match="not found"):
+        bench.main(["time-to-accuracy", str(tmp_path / "missing"), "--out", str(tmp_path / "r.json")])
