@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,11 +175,14 @@ def cell_state(directory: Path) -> str:
 # ------------------------------------------------------------------------------------------------ running
 
 
-def run_cell(command: list[str], log: Path) -> int:
-    """Run one training subprocess, its output appended to `log`; its exit code."""
+def run_cell(command: list[str], log: Path, threads: int | None = None) -> int:
+    """Run one training subprocess, its output appended to `log`; its exit code. threads: its
+    OMP_NUM_THREADS, unless the environment sets one (runs side by side must not oversubscribe the cores)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     python_path = [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, python_path))}
+    if threads and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(threads)
     with open(log, "a") as out:
         out.write(f"\n$ {shlex.join(command)}\n")
         out.flush()
@@ -335,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-steps", type=int, default=None, help="--max-steps of every run (default: none)")
     parser.add_argument("--extra", default="", help="more train flags for every run, one quoted string, e.g. "
                         "--extra \"--tracker none --batch-size 50\"")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at once, each with cores/jobs threads (default: 1, one run at a time)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the plan, each cell's state and command; run nothing")
     parser.add_argument("--aggregate-only", action="store_true",
@@ -361,6 +367,8 @@ def parse_args(argv: list[str] | None = None):
                              "(for --epochs and --max-steps use the study's own flags)")
         if args.epochs is not None and args.epochs < 1 or args.max_steps is not None and args.max_steps < 1:
             raise ValueError("--epochs and --max-steps must be >= 1")
+        if args.jobs < 1:
+            raise ValueError("--jobs must be >= 1")
         if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
             raise ValueError(f"--seeds must be distinct non-negative integers, got {args.seeds}")
         variants = parse_recipes(args.recipes or default_recipe_specs())
@@ -386,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     states = [cell_state(cell.directory(study_dir)) for cell in plan]
     print(f"sgan.study: {len(plan)} runs under {study_dir / 'runs'}: {states.count('done')} done, "
           f"{states.count('resume')} to resume, {states.count('new')} to start")
-    failed, ran = [], 0
+    failed, ran, todo = [], 0, []
     for i, (cell, state) in enumerate(zip(plan, states), 1):
         directory = cell.directory(study_dir)
         command = [sys.executable, "-m", "sgan.train", *cell.train_flags(study_dir, args.epochs, args.max_steps, extra)]
@@ -395,28 +403,41 @@ def main(argv: list[str] | None = None) -> int:
         prefix = f"[{i}/{len(plan)}] {directory.relative_to(study_dir)}"
         if args.dry_run:
             print(f"{prefix}: {state}" + ("" if state == "done" else f"\n    {shlex.join(command)}"))
-            continue
-        if state == "done":
+        elif state == "done":
             print(f"{prefix}: done, skipped")
-            continue
+        else:
+            todo.append((prefix, directory, command, state))
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+
+    def run(prefix, directory, command, state):
         action = f"resuming from {complete_checkpoints(directory)[-1].name}" if state == "resume" else "running"
         print(f"{prefix}: {action} (log: {directory / 'train.log'})", flush=True)
         start = time.perf_counter()
+        return run_cell(command, directory / "train.log", threads), time.perf_counter() - start
+
+    # Runs are subprocesses: threads only wait for them. Ctrl-C reaches the runs too (they checkpoint and exit).
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {pool.submit(run, *item): item for item in todo}
         try:
-            code = run_cell(command, directory / "train.log")
+            for future in as_completed(futures):
+                prefix, directory = futures[future][:2]
+                code, seconds = future.result()
+                ran += 1
+                if code == 0 and cell_state(directory) == "done":
+                    error = json.loads((directory / "metrics.json").read_text())["test_error"]
+                    print(f"{prefix}: test error {100 * error:.2f}% ({seconds:.0f} s)", flush=True)
+                else:
+                    failed.append(directory)
+                    print(f"{prefix}: FAILED (exit code {code}): {last_line(directory / 'train.log')}\n"
+                          f"    full log: {directory / 'train.log'}", flush=True)
+                write_results(study_dir)  # the tables are up to date after every run
         except KeyboardInterrupt:
+            for future in futures:
+                future.cancel()  # runs not started yet
+            pool.shutdown(wait=True)  # the started ones got the same Ctrl-C: let them write their checkpoints
             write_results(study_dir)
             print("sgan.study: interrupted; run the same command again to resume", file=sys.stderr)
             return 130
-        ran += 1
-        if code == 0 and cell_state(directory) == "done":
-            error = json.loads((directory / "metrics.json").read_text())["test_error"]
-            print(f"    test error {100 * error:.2f}% ({time.perf_counter() - start:.0f} s)", flush=True)
-        else:
-            failed.append(directory)
-            print(f"    FAILED (exit code {code}): {last_line(directory / 'train.log')}\n"
-                  f"    full log: {directory / 'train.log'}", flush=True)
-        write_results(study_dir)  # the tables are up to date after every run
     if args.dry_run:
         return 0
     cells = write_results(study_dir)

@@ -9,7 +9,7 @@ from PIL import Image
 from sgan import config as sgan_config
 from sgan.config import parse_config
 from sgan.losses import FORMULATIONS
-from sgan.study import Cell, default_recipe_specs, main, parse_args, parse_recipes
+from sgan.study import Cell, default_recipe_specs, last_line, main, parse_args, parse_recipes, run_cell
 from sgan.train import train
 
 from launch_helpers import REPO
@@ -132,9 +132,9 @@ def test_aggregate_only_without_runs_is_an_error(tmp_path, capsys):
     assert not (tmp_path / "results.md").exists()
 
 
-def study(study_dir, root, labels, recipes):
+def study(study_dir, root, labels, recipes, *more):
     command = [sys.executable, "-m", "sgan.study", "--study-dir", str(study_dir), "--labels", labels,
-               "--recipes", recipes, "--seeds", "0", "--max-steps", "2",
+               "--recipes", recipes, "--seeds", "0", "--max-steps", "2", *more,
                "--extra", f"--batch-size 20 --tracker none --cpu --data-root {root}"]
     return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
 
@@ -164,9 +164,22 @@ def test_study_resumes_and_skips_finished_runs(tmp_path, mnist_root):
 
 
 def test_a_failing_run_is_reported_and_the_study_goes_on(tmp_path, mnist_root):
-    result = study(tmp_path, mnist_root, "mnist=60000,20", "supervised")  # 60000: more than the smallest class allows
+    # 60000: more than the smallest class allows. --jobs 2: both runs at once, one thread each
+    result = study(tmp_path, mnist_root, "mnist=60000,20", "supervised", "--jobs", "2")
     assert result.returncode == 1
     assert "FAILED (exit code 1): error: --num-labels 60000 needs 6000 images per class" in result.stdout
     assert "ran 2, skipped 0, failed 1" in result.stdout
-    assert (Cell("mnist", "20", "supervised", None, 0).directory(tmp_path) / "metrics.json").is_file()
+    finished = Cell("mnist", "20", "supervised", None, 0).directory(tmp_path)
+    assert (finished / "metrics.json").is_file()
+    assert "mnist/supervised/labels-20/seed-0: test error" in result.stdout
     assert "| mnist | 20 |" in (tmp_path / "results.md").read_text()
+
+
+def test_parallel_runs_get_a_share_of_the_cores_unless_the_user_set_threads(tmp_path, monkeypatch):
+    show = [sys.executable, "-c", "import os; print('threads', os.environ.get('OMP_NUM_THREADS'))"]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert run_cell(show, tmp_path / "a.log", threads=3) == 0
+    assert last_line(tmp_path / "a.log") == "threads 3"
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert run_cell(show, tmp_path / "b.log", threads=3) == 0
+    assert last_line(tmp_path / "b.log") == "threads 5"
