@@ -196,7 +196,8 @@ def train(config: TrainConfig) -> dict:
         # data-dependent initialisation (Salimans): on the first global batch, identical on every process
         first = StepBatches(len(train_images), config.batch_size, config.seed, "unlabeled", 0, world_size).indices(0)
         discriminator.to(device).init_from_batch(train_images[first.to(device)])
-        generator.to(device).init_from_batch(generator.sample_latent(config.batch_size, device))
+        if hasattr(generator, "init_from_batch"):  # no G in the supervised recipe
+            generator.to(device).init_from_batch(generator.sample_latent(config.batch_size, device))
     if config.sync_bn:
         discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
         if generator is not None:

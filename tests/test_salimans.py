@@ -78,3 +78,14 @@ def test_salimans_resume_is_bit_identical_including_the_ema(tmp_path, mnist_root
         a = load_file(str(tmp_path / "a" / "model" / f"{name}.safetensors"))
         b = load_file(str(tmp_path / "b" / "model" / f"{name}.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_supervised_baseline_with_the_salimans_networks(tmp_path, mnist_root):
+    out = tmp_path / "baseline"
+    metrics = train(parse_config(["--recipe", "supervised", "--networks", "salimans", "--max-steps", "60",
+                                  "--lr", "0.003", "--ema-decay", "0.9", "--tracker", "none", "--cpu",
+                                  "--output-dir", str(out), "--data-root", str(mnist_root)]))
+    assert metrics["test_accuracy"] > 0.3, metrics
+    weights = load_file(str(out / "model" / "discriminator.safetensors"))
+    assert weights["hidden.0.v"].shape == (1000, 784)  # the MLP D, not the conv one
+    assert not (out / "model" / "generator.safetensors").exists()
