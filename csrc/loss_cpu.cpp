@@ -5,7 +5,8 @@
 //   sgan::loss_sums_backward(grad_sums[3], logits, target, row_lse, formulation) -> grad_logits[B, C]
 //
 // row_lse (m of every row, float32 or float64) is saved by the forward so the backward recomputes each
-// gradient row from it in one pass; Python wrappers and autograd registration are in sgan/ops.py.
+// gradient row from it in one pass. Autograd is registered here too (C++ is much cheaper per call than
+// torch.library.register_autograd); the Python wrapper and the fake (meta) kernels are in sgan/ops.py.
 #include <Python.h>
 
 #include <ATen/Dispatch.h>
@@ -13,7 +14,12 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include <algorithm>
 #include <cstring>
@@ -33,13 +39,32 @@ constexpr int64_t kBlockElements = 2048;
 // per row. glibc's scalar expf/logf would make the op several times slower than memory bandwidth, so the
 // CPU kernels gather the arguments of a block of rows into buffers and evaluate them in loops the compiler
 // vectorises: Cephes' expf and logf polynomials (relative error ~1e-7), branch-free arithmetic (which
-// needs -fno-trapping-math to vectorise with GCC). On x86-64 Linux an AVX2 + FMA clone is also compiled
-// and picked at load time (target_clones). float64 (for gradcheck) uses the scalar library functions.
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+// needs -fno-trapping-math to vectorise with GCC). On x86-64 Linux with GCC, an AVX2 + FMA clone of those
+// loops and of the per-block kernels (their short per-row loops, ~5% faster) is also compiled and picked at
+// load time (target_clones), so the library still runs on CPUs without AVX2. (Clang does not clone
+// templates.) float64 (for gradcheck) uses the scalar library functions.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
 #define SGAN_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define SGAN_CPU_CLONES
 #endif
+
+// A large new tensor is fresh memory from mmap: the first write page-faults every 4 KiB page, which at
+// B = 10^6 took as long as the kernel itself (25 ms for a 46 MB gradient, 4 ms to copy the same bytes).
+// Transparent huge pages make that ~5x cheaper, but most kernels give them only to memory that asks
+// ("madvise" mode), so ask for the 2 MiB-aligned part of the tensor before it is written. Advice only: the
+// allocator still owns and frees the memory (PyTorch does the same for every tensor under
+// THP_MEM_ALLOC_ENABLE=1).
+at::Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(t.data_ptr()) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(t.data_ptr()) + t.nbytes()) & ~(kHuge - 1);
+  if (end >= begin + 2 * kHuge) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+  return t;
+}
 
 inline float bits_to_float(int32_t bits) {
   float f;
@@ -150,6 +175,81 @@ struct Scratch {
   Scratch(int64_t rows, int64_t k) : logits(rows * k), shift(rows), m(rows), r(rows), e(rows), l(rows) {}
 };
 
+// Loss sums of the n rows of x (c logits each, k classes) into partial[3], their logsumexps into lse; true
+// if a target is out of range (reported by the caller).
+template <Formulation F, class T, class A>
+SGAN_CPU_CLONES bool loss_sums_block(const T* x, const int64_t* tgt, int64_t n, int64_t c, int64_t k, Scratch<A>& s,
+                                     A* lse, double* partial) {
+  // m = shift + log sum exp(x - shift) over the class logits
+  for (int64_t i = 0; i < n; ++i) {
+    const T* xr = x + i * c;
+    const A shift = lse_shift(reduce_row(xr, k, -inf_<A>(), [](A a, A b) { return max_(a, b); }));
+    s.shift[i] = shift;
+#pragma omp simd
+    for (int64_t j = 0; j < k; ++j) s.logits[i * k + j] = A(xr[j]) - shift;
+  }
+  exp_block(s.logits.data(), n * k);
+  for (int64_t i = 0; i < n; ++i) {
+    s.m[i] = reduce_row(s.logits.data() + i * k, k, A(0), [](A a, A b) { return a + b; });
+  }
+  log_block(s.m.data(), n);
+  // r, and l = log1p(exp(-|r|)) for the softplus terms
+  for (int64_t i = 0; i < n; ++i) {
+    s.m[i] += s.shift[i];
+    lse[i] = s.m[i];
+    s.r[i] = real_logit<F>(s.m[i], F == Formulation::KLogit ? A(0) : A(x[i * c + k]));
+    s.l[i] = -abs_(s.r[i]);
+  }
+  exp_block(s.l.data(), n);
+  log1p_block(s.l.data(), s.e.data(), n);
+
+  double ce = 0, real = 0, gen = 0;
+  bool bad = false;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t t = tgt[i];
+    if (t < kGenerated || t >= k) {  // reported after the loop; never read x[t] out of bounds
+      bad = true;
+      continue;
+    }
+    const A x_target = A(x[i * c + target_column(t)]);
+    const RowLoss<A> l = row_loss<F>(s.m[i], s.r[i], x_target, t, s.l[i]);
+    ce += l.ce;
+    real += l.real;
+    gen += l.gen;
+  }
+  partial[0] = ce;
+  partial[1] = real;
+  partial[2] = gen;
+  return bad;
+}
+
+// Gradient of the n rows of x into out, from their logsumexps lse and the sums' gradient (g_ce, g_real, g_gen).
+template <Formulation F, class T, class A>
+SGAN_CPU_CLONES void loss_sums_backward_block(const T* x, const int64_t* tgt, const A* lse, A g_ce, A g_real, A g_gen,
+                                              int64_t n, int64_t c, int64_t k, Scratch<A>& s, T* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T* xr = x + i * c;
+    const A m = lse[i];
+#pragma omp simd
+    for (int64_t j = 0; j < k; ++j) s.logits[i * k + j] = A(xr[j]) - m;
+    s.r[i] = real_logit<F>(m, F == Formulation::KLogit ? A(0) : A(xr[k]));
+    s.e[i] = -abs_(s.r[i]);
+  }
+  exp_block(s.logits.data(), n * k);  // softmax of the class logits
+  exp_block(s.e.data(), n);           // exp(-|r|) for the sigmoids
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t t = tgt[i];
+    const RowGrad<A> d = row_grad<F>(s.r[i], t, g_ce, g_real, g_gen, s.e[i]);
+    const A* p = s.logits.data() + i * k;
+    T* gr = out + i * c;
+#pragma omp simd
+    for (int64_t j = 0; j < k; ++j) gr[j] = T(d.on_p * p[j]);
+    const int64_t column = t < k ? target_column(t) : 0;  // (backward trusts the forward's target check)
+    gr[column] = T(d.on_p * p[column] - d.on_target);
+    if (F != Formulation::KLogit) gr[k] = T(d.on_last);
+  }
+}
+
 template <Formulation F, class T>
 void loss_sums_kernel(const at::Tensor& logits, const at::Tensor& target, int64_t k, at::Tensor& sums,
                       at::Tensor& row_lse) {
@@ -172,45 +272,7 @@ void loss_sums_kernel(const at::Tensor& logits, const at::Tensor& target, int64_
     for (int64_t block = block_begin; block < block_end; ++block) {
       const int64_t first = block * rows_per_block;
       const int64_t n = std::min(rows, first + rows_per_block) - first;
-      // m = shift + log sum exp(x - shift) over the class logits
-      for (int64_t i = 0; i < n; ++i) {
-        const T* xr = x + (first + i) * c;
-        const A shift = lse_shift(reduce_row(xr, k, -inf_<A>(), [](A a, A b) { return max_(a, b); }));
-        s.shift[i] = shift;
-#pragma omp simd
-        for (int64_t j = 0; j < k; ++j) s.logits[i * k + j] = A(xr[j]) - shift;
-      }
-      exp_block(s.logits.data(), n * k);
-      for (int64_t i = 0; i < n; ++i) {
-        s.m[i] = reduce_row(s.logits.data() + i * k, k, A(0), [](A a, A b) { return a + b; });
-      }
-      log_block(s.m.data(), n);
-      // r, and l = log1p(exp(-|r|)) for the softplus terms
-      for (int64_t i = 0; i < n; ++i) {
-        s.m[i] += s.shift[i];
-        lse[first + i] = s.m[i];
-        s.r[i] = real_logit<F>(s.m[i], F == Formulation::KLogit ? A(0) : A(x[(first + i) * c + k]));
-        s.l[i] = -abs_(s.r[i]);
-      }
-      exp_block(s.l.data(), n);
-      log1p_block(s.l.data(), s.e.data(), n);
-
-      double ce = 0, real = 0, gen = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t t = tgt[first + i];
-        if (t < kGenerated || t >= k) {  // reported after the loop; never read x[t] out of bounds
-          block_bad[block] = 1;
-          continue;
-        }
-        const A x_target = A(x[(first + i) * c + target_column(t)]);
-        const RowLoss<A> l = row_loss<F>(s.m[i], s.r[i], x_target, t, s.l[i]);
-        ce += l.ce;
-        real += l.real;
-        gen += l.gen;
-      }
-      partial[3 * block] = ce;
-      partial[3 * block + 1] = real;
-      partial[3 * block + 2] = gen;
+      block_bad[block] = loss_sums_block<F>(x + first * c, tgt + first, n, c, k, s, lse + first, &partial[3 * block]);
     }
   });
 
@@ -246,28 +308,8 @@ void loss_sums_backward_kernel(const at::Tensor& grad_sums, const at::Tensor& lo
     Scratch<A> s(rows_per_block, k);
     for (int64_t first = begin; first < end; first += rows_per_block) {
       const int64_t n = std::min(end, first + rows_per_block) - first;
-      for (int64_t i = 0; i < n; ++i) {
-        const T* xr = x + (first + i) * c;
-        const A m = lse[first + i];
-#pragma omp simd
-        for (int64_t j = 0; j < k; ++j) s.logits[i * k + j] = A(xr[j]) - m;
-        s.r[i] = real_logit<F>(m, F == Formulation::KLogit ? A(0) : A(xr[k]));
-        s.e[i] = -abs_(s.r[i]);
-      }
-      exp_block(s.logits.data(), n * k);  // softmax of the class logits
-      exp_block(s.e.data(), n);           // exp(-|r|) for the sigmoids
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t row = first + i;
-        const int64_t t = tgt[row];
-        const RowGrad<A> d = row_grad<F>(s.r[i], t, g_ce, g_real, g_gen, s.e[i]);
-        const A* p = s.logits.data() + i * k;
-        T* gr = out + row * c;
-#pragma omp simd
-        for (int64_t j = 0; j < k; ++j) gr[j] = T(d.on_p * p[j]);
-        const int64_t column = t < k ? target_column(t) : 0;  // (backward trusts the forward's target check)
-        gr[column] = T(d.on_p * p[column] - d.on_target);
-        if (F != Formulation::KLogit) gr[k] = T(d.on_last);
-      }
+      loss_sums_backward_block<F>(x + first * c, tgt + first, lse + first, g_ce, g_real, g_gen, n, c, k, s,
+                                  out + first * c);
     }
   });
 }
@@ -282,7 +324,7 @@ std::tuple<at::Tensor, at::Tensor> loss_sums_cpu(const at::Tensor& logits_in, co
   const at::Tensor target = target_in.to(at::kLong).contiguous();
   const auto acc = logits.options().dtype(accumulate_type(logits.scalar_type()));
   at::Tensor sums = at::empty({3}, acc);
-  at::Tensor row_lse = at::empty({logits.size(0)}, acc);
+  at::Tensor row_lse = empty_huge({logits.size(0)}, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "sgan_loss_sums_cpu", [&] {
     dispatch_formulation(f, [&](auto form) { loss_sums_kernel<decltype(form)::value, scalar_t>(logits, target, k, sums, row_lse); });
   });
@@ -301,7 +343,7 @@ at::Tensor loss_sums_backward_cpu(const at::Tensor& grad_sums, const at::Tensor&
   const at::Tensor target = target_in.to(at::kLong).contiguous();
   const at::Tensor row_lse = row_lse_in.to(acc).contiguous();
   const at::Tensor g = grad_sums.to(acc).contiguous();  // autograd may pass an expanded (stride 0) tensor
-  at::Tensor grad = at::empty(logits.sizes(), logits.options());
+  at::Tensor grad = empty_huge(logits.sizes(), logits.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "sgan_loss_sums_backward_cpu", [&] {
     dispatch_formulation(f, [&](auto form) {
       loss_sums_backward_kernel<decltype(form)::value, scalar_t>(g, logits, target, row_lse, k, grad);
@@ -310,16 +352,107 @@ at::Tensor loss_sums_backward_cpu(const at::Tensor& grad_sums, const at::Tensor&
   return grad;
 }
 
+// For tests: the kernels' vectorised exp or log (fn "exp" or "log") of a float32 CPU tensor.
+at::Tensor vector_math_cpu(const at::Tensor& x, c10::string_view fn) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "sgan::_vector_math takes float32, got ", x.scalar_type());
+  at::Tensor y = x.clone(at::MemoryFormat::Contiguous);
+  if (fn == "exp") {
+    exp_block(y.mutable_data_ptr<float>(), y.numel());
+  } else {
+    TORCH_CHECK_VALUE(fn == "log", "sgan::_vector_math: fn must be 'exp' or 'log', got '", std::string(fn), "'");
+    log_block(y.mutable_data_ptr<float>(), y.numel());
+  }
+  return y;
+}
+
+// --- autograd, for every device ------------------------------------------------------------------------
+// In C++: torch.library.register_autograd's Python path cost ~0.07 ms more per forward + backward (0.33 ->
+// 0.26 ms at B = 4096, K = 10, one thread), half the time of both CPU kernels there. The forward and backward
+// call the ops below autograd, through the dispatcher, so the CPU or CUDA kernel (or the fake kernel, under
+// torch.compile) runs. (torch.func transforms do not support C++ autograd functions: use backend="torch".)
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+std::tuple<at::Tensor, at::Tensor> call_loss_sums(const at::Tensor& logits, const at::Tensor& target,
+                                                  c10::string_view formulation) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("sgan::loss_sums", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                       c10::string_view)>();
+  return op.call(logits, target, formulation);
+}
+
+at::Tensor call_loss_sums_backward(const at::Tensor& grad_sums, const at::Tensor& logits, const at::Tensor& target,
+                                   const at::Tensor& row_lse, c10::string_view formulation) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("sgan::loss_sums_backward", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, c10::string_view)>();
+  return op.call(grad_sums, logits, target, row_lse, formulation);
+}
+
+struct LossSumsBackwardFunction : torch::autograd::Function<LossSumsBackwardFunction> {
+  static at::Tensor forward(AutogradContext*, const at::Tensor& grad_sums, const at::Tensor& logits,
+                            const at::Tensor& target, const at::Tensor& row_lse, c10::string_view formulation) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_loss_sums_backward(grad_sums, logits, target, row_lse, formulation);
+  }
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK_NOT_IMPLEMENTED(false, "sgan: the fused loss op has no double backward (e.g. for a gradient "
+                                       "penalty): use backend='torch'");
+  }
+};
+
+struct LossSumsFunction : torch::autograd::Function<LossSumsFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target,
+                               c10::string_view formulation) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [sums, row_lse] = call_loss_sums(logits, target, formulation);
+    ctx->save_for_backward({logits, target, row_lse});
+    ctx->saved_data["formulation"] = std::string(formulation);
+    ctx->mark_non_differentiable({row_lse});  // an internal statistic the wrappers never return
+    return {sums, row_lse};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    at::Tensor grad;
+    if (ctx->needs_input_grad(0)) {
+      grad = LossSumsBackwardFunction::apply(grad_outputs[0], saved[0], saved[1], saved[2],
+                                             ctx->saved_data["formulation"].toStringRef());
+    }
+    return {grad, at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> loss_sums_autograd(const at::Tensor& logits, const at::Tensor& target,
+                                                      c10::string_view formulation) {
+  const variable_list out = LossSumsFunction::apply(logits, target, formulation);
+  return {out[0], out[1]};
+}
+
+at::Tensor loss_sums_backward_autograd(const at::Tensor& grad_sums, const at::Tensor& logits,
+                                       const at::Tensor& target, const at::Tensor& row_lse,
+                                       c10::string_view formulation) {
+  return LossSumsBackwardFunction::apply(grad_sums, logits, target, row_lse, formulation);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(sgan, m) {
   m.def("loss_sums(Tensor logits, Tensor target, str formulation) -> (Tensor, Tensor)");
   m.def("loss_sums_backward(Tensor grad_sums, Tensor logits, Tensor target, Tensor row_lse, str formulation) -> Tensor");
+  m.def("_vector_math(Tensor x, str fn) -> Tensor");  // tests only
 }
 
 TORCH_LIBRARY_IMPL(sgan, CPU, m) {
   m.impl("loss_sums", &loss_sums_cpu);
   m.impl("loss_sums_backward", &loss_sums_backward_cpu);
+  m.impl("_vector_math", &vector_math_cpu);
+}
+
+TORCH_LIBRARY_IMPL(sgan, Autograd, m) {
+  m.impl("loss_sums", &loss_sums_autograd);
+  m.impl("loss_sums_backward", &loss_sums_backward_autograd);
 }
 
 }  // namespace sgan

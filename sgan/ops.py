@@ -23,7 +23,8 @@ discriminator_loss_sums(fake_logits, torch.full((B,), -1), formulation)[1].
 
 The compiled op is ``import sgan._C`` when the package was installed with it, else it is compiled on first
 use (sgan._build.jit_load, cached), else the "torch" backend is used. Under torch.compile(fullgraph=True)
-the backend is resolved once, while tracing; the op has fake (meta) and autograd registrations.
+the backend is resolved once, while tracing. The op's autograd is registered in C++ (csrc/loss_cpu.cpp,
+cheaper per call than torch.library.register_autograd); its fake (meta) kernels are registered here.
 """
 from __future__ import annotations
 
@@ -141,7 +142,7 @@ def _load_library() -> str:
                 "or use --loss-backend torch"
             )
             return _library_error
-    _register_fake_and_autograd()
+    _register_fake()
     _library_error = ""
     return _library_error
 
@@ -150,8 +151,9 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _register_fake_and_autograd() -> None:
-    """Python parts of the op (the schemas are in csrc/loss_cpu.cpp): shapes for torch.compile, and autograd."""
+def _register_fake() -> None:
+    """Shapes for torch.compile and meta tensors: the Python part of the op (schemas, kernels and autograd
+    are in csrc/loss_cpu.cpp)."""
 
     @torch.library.register_fake("sgan::loss_sums")
     def _loss_sums_fake(logits, target, formulation):
@@ -168,25 +170,3 @@ def _register_fake_and_autograd() -> None:
     @torch.library.register_fake("sgan::loss_sums_backward")
     def _loss_sums_backward_fake(grad_sums, logits, target, row_lse, formulation):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-    def setup_context(ctx, inputs, output):
-        logits, target, formulation = inputs
-        ctx.save_for_backward(logits, target, output[1])
-        ctx.formulation = formulation
-
-    def backward(ctx, grad_sums, _grad_row_lse):
-        # row_lse is an internal statistic the wrappers never return, so its gradient is ignored.
-        logits, target, row_lse = ctx.saved_tensors
-        grad = None
-        if ctx.needs_input_grad[0]:
-            grad = torch.ops.sgan.loss_sums_backward.default(grad_sums, logits, target, row_lse, ctx.formulation)
-        return grad, None, None
-
-    torch.library.register_autograd("sgan::loss_sums", backward, setup_context=setup_context)
-
-    def double_backward(ctx, grad):
-        raise NotImplementedError(
-            "sgan: the fused loss op has no double backward (e.g. for a gradient penalty): use backend='torch'"
-        )
-
-    torch.library.register_autograd("sgan::loss_sums_backward", double_backward)
