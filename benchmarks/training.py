@@ -102,11 +102,12 @@ def time_to_accuracy(args) -> dict:
             entry = first_reaching(history, target)
             reached[str(target)] = None if entry is None else {"epoch": entry["epoch"],
                                                                "wall_seconds": entry["wall_seconds"]}
-        runs.append({"run": str(run_dir), "recipe": metrics["recipe"], "seed": metrics["seed"],
+        label = metrics["recipe"] + (f" ({metrics['networks']} networks)" if metrics.get("networks") else "")
+        runs.append({"run": str(run_dir), "recipe": metrics["recipe"], "label": label, "seed": metrics["seed"],
                      "num_labels": metrics["num_labels"], "epochs": metrics["epochs"],
                      "final_accuracy": metrics["test_accuracy"],
                      "best_accuracy": max(e["test_accuracy"] for e in history),
-                     "wall_seconds": metrics["wall_seconds"], "reached": reached})
+                     "wall_seconds": metrics["wall_seconds"], "reached": reached, "history": history})
     print(f"\ntime to test accuracy (evaluated once per epoch)")
     header = f"{'run':<40} {'epochs':>6} {'final':>7} {'best':>7} " + " ".join(
         f"{'to ' + format(t, '.0%'):>16}" for t in args.targets)
@@ -130,7 +131,37 @@ def time_to_accuracy(args) -> dict:
                   f"{summary[str(target)]['median_wall_seconds'] / 60:.1f} min (epoch {summary[str(target)]['median_epoch']:g})")
         else:
             print(f"{target:.0%}: reached by none of the {len(runs)} runs")
+    if args.plot:
+        plot_curves(runs, args.targets, args.plot)
+        print(f"wrote {args.plot}")
     return {"command": "time-to-accuracy", "machine": machine(), "runs": runs, "summary": summary}
+
+
+def plot_curves(runs: list[dict], targets: list[float], path: Path) -> None:
+    """Test accuracy after each epoch, one line per run (colour per recipe), the targets as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = {}
+    for run in runs:
+        colour = colours.setdefault(run["label"], f"C{len(colours)}")
+        epochs = [e["epoch"] for e in run["history"]]
+        accuracy = [100 * e["test_accuracy"] for e in run["history"]]
+        first = sum(r["label"] == run["label"] for r in runs[:runs.index(run)]) == 0
+        ax.plot(epochs, accuracy, color=colour, marker=".", label=run["label"] if first else None)
+    for target in targets:
+        ax.axhline(100 * target, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def comma_list(text: str) -> list[str]:
@@ -152,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     reach.add_argument("runs", nargs="+", help="output directories of finished runs (with metrics.json)")
     reach.add_argument("--targets", type=lambda text: [float(t) for t in comma_list(text)], default=[0.98, 0.99])
     reach.add_argument("--out", type=Path, default=RESULTS / "training_time_to_accuracy.json")
+    reach.add_argument("--plot", type=lambda text: Path(text) if text else None,
+                       default=RESULTS / "training_time_to_accuracy.png",
+                       help="PNG of test accuracy per epoch, one line per run ('' for none)")
     args = parser.parse_args(argv)
     if args.command == "throughput" and (args.steps < 1 or args.warmup_steps < 1):
         parser.error("--steps and --warmup-steps must be >= 1")

@@ -355,6 +355,7 @@ def train(config: TrainConfig) -> dict:
         "dataset": config.dataset,
         "recipe": config.recipe,
         "formulation": config.formulation,
+        "networks": config.network_family(),
         "seed": config.seed,
         "steps": total_steps,
         "epochs": total_steps / steps_per_epoch,

@@ -31,7 +31,9 @@ def test_time_to_accuracy_takes_the_first_epoch_at_or_above_each_target(tmp_path
     fast = write_run(tmp_path / "a", [0.9, 0.981, 0.975, 0.99], seed=0)  # dips below 98% after reaching it
     slow = write_run(tmp_path / "b", [0.9, 0.95, 0.97, 0.985], seed=1)
     out = tmp_path / "result.json"
-    assert bench.main(["time-to-accuracy", str(fast), str(slow), "--out", str(out)]) == 0
+    plot = tmp_path / "curves.png"
+    assert bench.main(["time-to-accuracy", str(fast), str(slow), "--out", str(out), "--plot", str(plot)]) == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = json.loads(out.read_text())
     first, second = result["runs"]
     assert first["reached"]["0.98"] == {"epoch": 2, "wall_seconds": 80.0}
@@ -49,6 +51,6 @@ def test_time_to_accuracy_refuses_runs_without_per_epoch_wall_time(tmp_path, ben
     run.mkdir()
     (run / "metrics.json").write_text(json.dumps({"recipe": "seed", "history": [{"epoch": 1, "test_accuracy": 0.9}]}))
     with pytest.raises(SystemExit, match="no per-epoch wall time"):
-        bench.main(["time-to-accuracy", str(run), "--out", str(tmp_path / "r.json")])
+        bench.main(["time-to-accuracy", str(run), "--out", str(tmp_path / "r.json"), "--plot", ""])
     with pytest.raises(SystemExit, match="not found"):
         bench.main(["time-to-accuracy", str(tmp_path / "missing"), "--out", str(tmp_path / "r.json")])
