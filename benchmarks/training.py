@@ -86,6 +86,17 @@ def first_reaching(history: list[dict], target: float) -> dict | None:
     return None
 
 
+def run_networks(run_dir: Path) -> str | None:
+    """The run's --networks from its config.yaml, for runs whose metrics.json predates recording it."""
+    import yaml
+
+    try:
+        networks = yaml.safe_load((run_dir / "config.yaml").read_text()).get("networks")
+    except (OSError, AttributeError, yaml.YAMLError):
+        return None
+    return networks if networks not in (None, "auto") else None
+
+
 def time_to_accuracy(args) -> dict:
     runs = []
     for run_dir in args.runs:
@@ -102,14 +113,15 @@ def time_to_accuracy(args) -> dict:
             entry = first_reaching(history, target)
             reached[str(target)] = None if entry is None else {"epoch": entry["epoch"],
                                                                "wall_seconds": entry["wall_seconds"]}
-        label = metrics["recipe"] + (f" ({metrics['networks']} networks)" if metrics.get("networks") else "")
+        networks = metrics.get("networks") or run_networks(Path(run_dir))
+        label = metrics["recipe"] + (f" ({networks} networks)" if networks not in (None, metrics["recipe"]) else "")
         runs.append({"run": str(run_dir), "recipe": metrics["recipe"], "label": label, "seed": metrics["seed"],
                      "num_labels": metrics["num_labels"], "epochs": metrics["epochs"],
                      "final_accuracy": metrics["test_accuracy"],
                      "best_accuracy": max(e["test_accuracy"] for e in history),
                      "wall_seconds": metrics["wall_seconds"], "reached": reached, "history": history})
     print(f"\ntime to test accuracy (evaluated once per epoch)")
-    header = f"{'run':<40} {'epochs':>6} {'final':>7} {'best':>7} " + " ".join(
+    header = f"{'run':<34} {'epochs':>6} {'final':>7} {'best':>7} " + " ".join(
         f"{'to ' + format(t, '.0%'):>16}" for t in args.targets)
     print(header)
     for run in runs:
@@ -118,7 +130,7 @@ def time_to_accuracy(args) -> dict:
             hit = run["reached"][str(target)]
             cells.append(f"{'not reached':>16}" if hit is None else
                          f"{hit['wall_seconds'] / 60:>7.1f} min (ep {hit['epoch']:g})".rjust(16))
-        print(f"{Path(run['run']).name if len(run['run']) > 40 else run['run']:<40} {run['epochs']:>6g} "
+        print(f"{run['label'] + ' seed ' + str(run['seed']):<34} {run['epochs']:>6g} "
               f"{run['final_accuracy']:>7.2%} {run['best_accuracy']:>7.2%} " + " ".join(cells))
     summary = {}
     for target in args.targets:
