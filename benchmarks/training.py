@@ -121,7 +121,7 @@ def time_to_accuracy(args) -> dict:
                      "best_accuracy": max(e["test_accuracy"] for e in history),
                      "wall_seconds": metrics["wall_seconds"], "reached": reached, "history": history})
     print(f"\ntime to test accuracy (evaluated once per epoch)")
-    header = f"{'run':<34} {'epochs':>6} {'final':>7} {'best':>7} " + " ".join(
+    header = f"{'run':<38} {'epochs':>6} {'final':>7} {'best':>7} " + " ".join(
         f"{'to ' + format(t, '.0%'):>16}" for t in args.targets)
     print(header)
     for run in runs:
@@ -130,7 +130,7 @@ def time_to_accuracy(args) -> dict:
             hit = run["reached"][str(target)]
             cells.append(f"{'not reached':>16}" if hit is None else
                          f"{hit['wall_seconds'] / 60:>7.1f} min (ep {hit['epoch']:g})".rjust(16))
-        print(f"{run['label'] + ' seed ' + str(run['seed']):<34} {run['epochs']:>6g} "
+        print(f"{run['label'] + ' seed ' + str(run['seed']):<38} {run['epochs']:>6g} "
               f"{run['final_accuracy']:>7.2%} {run['best_accuracy']:>7.2%} " + " ".join(cells))
     summary = {}
     for target in args.targets:
