@@ -159,10 +159,10 @@ def plot_curves(runs: list[dict], targets: list[float], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colours = {}
     for run in runs:
+        first = run["label"] not in colours  # one legend entry per label
         colour = colours.setdefault(run["label"], f"C{len(colours)}")
         epochs = [e["epoch"] for e in run["history"]]
         accuracy = [100 * e["test_accuracy"] for e in run["history"]]
-        first = sum(r["label"] == run["label"] for r in runs[:runs.index(run)]) == 0
         ax.plot(epochs, accuracy, color=colour, marker=".", label=run["label"] if first else None)
     for target in targets:
         ax.axhline(100 * target, color="grey", linestyle="--", linewidth=0.8)
