@@ -355,6 +355,17 @@ def image_shape_of(config) -> tuple[int, int, int]:
     return dataset_info(config.dataset).image_shape
 
 
+def salimans_kind(config) -> str:
+    """Which of Salimans' network pairs fits the dataset: "mlp" (28x28 grey) or "conv" (32x32); else an error."""
+    shape = image_shape_of(config)
+    if shape[0] == 1 and shape[1:] == (28, 28):
+        return "mlp"
+    if shape[1:] == (32, 32):
+        return "conv"
+    raise ValueError(f"the salimans networks are for 28x28 grey and 32x32 images, not {config.dataset}'s "
+                     f"{shape}: use --networks seed")
+
+
 def build_discriminator(config, num_classes: int) -> nn.Module:
     """D for a TrainConfig's recipe and dataset (one place, so training and evaluation build the same network).
 
@@ -362,13 +373,10 @@ def build_discriminator(config, num_classes: int) -> nn.Module:
     sized for the dataset's images."""
     shape = image_shape_of(config)
     if config.network_family() == "salimans":
-        if shape[0] == 1 and shape[1:] == (28, 28):
+        if salimans_kind(config) == "mlp":
             return SalimansDiscriminator(num_classes, config.formulation)
-        if shape[1:] == (32, 32):
-            return SalimansConvDiscriminator(num_classes, config.formulation, channels=shape[0],
-                                             widths=SALIMANS_CONV_WIDTHS.get(config.dataset, (96, 192)))
-        raise ValueError(f"the salimans networks are for 28x28 grey and 32x32 images, not {config.dataset}'s "
-                         f"{shape}: use --networks seed")
+        return SalimansConvDiscriminator(num_classes, config.formulation, channels=shape[0],
+                                         widths=SALIMANS_CONV_WIDTHS.get(config.dataset, (96, 192)))
     return Discriminator(num_classes, config.formulation, width=config.d_width, channels=shape[0],
                          dropout=config.dropout, batchnorm=config.d_batchnorm, image_size=shape[1])
 
@@ -376,10 +384,7 @@ def build_discriminator(config, num_classes: int) -> nn.Module:
 def build_generator(config) -> nn.Module:
     shape = image_shape_of(config)
     if config.network_family() == "salimans":
-        if shape[0] == 1 and shape[1:] == (28, 28):
+        if salimans_kind(config) == "mlp":
             return SalimansGenerator(config.latent_dim, output=config.g_output)
-        if shape[1:] == (32, 32):
-            return SalimansConvGenerator(config.latent_dim, shape)
-        raise ValueError(f"the salimans networks are for 28x28 grey and 32x32 images, not {config.dataset}'s "
-                         f"{shape}: use --networks seed")
+        return SalimansConvGenerator(config.latent_dim, shape)
     return Generator(config.latent_dim, width=config.g_width, channels=shape[0], image_size=shape[1])
