@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "training.py"
 
@@ -54,3 +55,26 @@ def test_time_to_accuracy_refuses_runs_without_per_epoch_wall_time(tmp_path, ben
         bench.main(["time-to-accuracy", str(run), "--out", str(tmp_path / "r.json"), "--plot", ""])
     with pytest.raises(SystemExit, match="not found"):
         bench.main(["time-to-accuracy", str(tmp_path / "missing"), "--out", str(tmp_path / "r.json")])
+
+
+def test_loss_benchmark_writes_every_column_and_the_exp_bound(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_loss", SCRIPT.parent / "loss.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "loss.json"
+    threads = torch.get_num_threads()
+    try:
+        assert module.main(["--batch-sizes", "64", "--classes", "3", "--formulations", "k-logit,two-head",
+                            "--threads", "1", "--no-compile", "--min-seconds", "0", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the benchmark sets it for the whole process
+    result = json.loads(out.read_text())
+    assert result["meta"]["threads"] == 1 and result["meta"]["exp_ns_per_element"] > 0
+    assert [(r["formulation"], r["batch"], r["classes"]) for r in result["results"]] == [("k-logit", 64, 3),
+                                                                                         ("two-head", 64, 3)]
+    for row in result["results"]:
+        ms = row["ms"]
+        assert ms["compiled"] is None and min(ms["fused"], ms["eager"], ms["floor"], ms["clone"]) > 0
+        # 2 exps per class logit at the measured per-element cost, on one thread
+        assert ms["exp_bound"] == pytest.approx(2 * 64 * 3 * result["meta"]["exp_ns_per_element"] * 1e-6)
+        assert row["exp_bound_over_floor"] == pytest.approx(ms["exp_bound"] / ms["floor"])
