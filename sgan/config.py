@@ -58,6 +58,9 @@ class TrainConfig:
         "help": "output layer of the salimans 28x28 G: softplus (default, learns faster here) or sigmoid (the paper's)",
         "choices": ("softplus", "sigmoid")})
     unlabeled_weight: float = field(default=1.0, metadata={"help": "weight of the real/fake (unsupervised) D loss"})
+    g_clip_norm: float = field(default=0.0, metadata={
+        "help": "clip G's gradient to this norm (0: off). One huge G gradient fills Adam's second moment and "
+                "stalls G for thousands of steps"})
     seed: int = field(default=0, metadata={"help": "seed for the labeled subset, initialisation and batches"})
     output_dir: str = field(default="runs/default", metadata={"help": "where the run writes its files"})
     data_root: str | None = field(default=None, metadata={"help": "data root (default: $SGAN_DATA_ROOT or ./data)"})
@@ -105,6 +108,7 @@ class TrainConfig:
             (self.unlabeled_weight >= 0, "--unlabeled-weight must be >= 0"),
             (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
             (0 <= self.ema_decay < 1, "--ema-decay must be in [0, 1)"),
+            (self.g_clip_norm >= 0, "--g-clip-norm must be >= 0 (0 turns clipping off)"),
             (self.eval_batch_size >= 1, "--eval-batch-size must be >= 1"),
             (self.log_every >= 1, "--log-every must be >= 1"),
             (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),

@@ -310,6 +310,8 @@ def train(config: TrainConfig) -> dict:
                         g_loss = loss_sums(fake_logits, g_target)[1] / len(fake_logits)
                 opt_g.zero_grad(set_to_none=True)
                 accelerator.backward(g_loss)
+                if config.g_clip_norm > 0:
+                    accelerator.clip_grad_norm_(generator.parameters(), config.g_clip_norm)
                 opt_g.step()
 
             losses = {"d_loss": d_loss.item(), "supervised_ce": sums[0].item() / n_labeled}

@@ -89,3 +89,21 @@ def test_supervised_baseline_with_the_salimans_networks(tmp_path, mnist_root):
     weights = load_file(str(out / "model" / "discriminator.safetensors"))
     assert weights["hidden.0.v"].shape == (1000, 784)  # the MLP D, not the conv one
     assert not (out / "model" / "generator.safetensors").exists()
+
+
+def test_g_clip_norm_bounds_the_generator_step(tmp_path, mnist_root):
+    def g_weights(name, steps, clip):
+        out = tmp_path / f"{name}_{steps}"
+        train(parse_config(["--recipe", "salimans", "--max-steps", str(steps), "--batch-size", "20",
+                            "--g-clip-norm", clip, "--tracker", "none", "--cpu", "--output-dir", str(out),
+                            "--data-root", str(mnist_root)]))
+        weights = load_file(str(out / "model" / "generator.safetensors"))
+        return {k: v for k, v in weights.items() if "running" not in k and "num_batches" not in k}
+
+    def largest_change(name, clip):  # of a G parameter in the second step
+        one, two = g_weights(name, 1, clip), g_weights(name, 2, clip)
+        return max((two[k] - one[k]).abs().max().item() for k in one)
+
+    # Adam's step is about lr whatever the gradient's scale; a gradient clipped to 1e-12 is swamped by eps
+    assert largest_change("free", "0") > 1e-3
+    assert largest_change("clipped", "1e-12") < 1e-5

@@ -95,6 +95,7 @@ def test_yaml_config_and_flag_precedence(tmp_path):
         (["--epochs", "0"], "--epochs must be >= 1"),
         (["--num-labels", "many"], "positive integer or 'all'"),
         (["--lr", "-1"], "--lr must be > 0"),
+        (["--g-clip-norm", "-1"], "--g-clip-norm must be >= 0"),
         (["--num-labels", "105"], "not divisible by the 10 classes"),
         (["--config", "/nonexistent.yaml"], "no such file"),
     ],
