@@ -19,6 +19,7 @@ STATE_FILE = "trainer_state.json"
 FINGERPRINT_KEYS = (
     "dataset", "recipe", "formulation", "num_labels", "seed", "batch_size", "lr", "beta1", "unlabeled_weight",
     "latent_dim", "g_width", "d_width", "dropout", "d_batchnorm", "freeze_bn_on_fakes", "lr_decay", "ema_decay",
+    "networks", "g_output", "g_clip_norm",
 )
 
 

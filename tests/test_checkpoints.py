@@ -82,6 +82,13 @@ def test_checkpoint_from_another_configuration_is_refused(tmp_path, checkpointed
     assert code == 1 and "formulation: checkpoint 'k-logit', this run 'two-head'" in err
 
 
+def test_checkpoint_with_another_g_output_is_refused(tmp_path, checkpointed, mnist_root, capsys):
+    # same parameter shapes, so only the fingerprint can tell the runs apart
+    _, run = resume_error(tmp_path, checkpointed, mnist_root, capsys, "--g-output", "sigmoid")
+    code, err = run()
+    assert code == 1 and "g_output: checkpoint 'softplus', this run 'sigmoid'" in err
+
+
 def test_pickled_code_in_a_checkpoint_is_not_executed(tmp_path, checkpointed, mnist_root, capsys, monkeypatch):
     class Boom:
         def __reduce__(self):
