@@ -17,11 +17,12 @@ from .losses import FORMULATIONS
 
 RECIPES = ("seed", "supervised", "salimans")
 # Defaults a recipe brings (below a --config file and command-line flags). salimans: Salimans et al. (2016),
-# MNIST: Adam 0.003 / 0.5, batch 100, linear decay, EMA of D for evaluation. Its unsupervised loss is
-# 0.5 * (real + fake) in the paper's code with unlabeled weight 1, which is --unlabeled-weight 0.5 here.
+# MNIST: Adam 0.003 / 0.5, batch 100, a constant lr (as the paper's code), EMA of D for evaluation. Its
+# unsupervised loss is 0.5 * (real + fake) in the paper's code with unlabeled weight 1, which is
+# --unlabeled-weight 0.5 here. G's gradient is clipped (not in the paper): see README, "Salimans recipe".
 RECIPE_DEFAULTS = {
     "salimans": {"formulation": "k-logit", "lr": 0.003, "beta1": 0.5, "batch_size": 100, "unlabeled_weight": 0.5,
-                 "lr_decay": "linear", "ema_decay": 0.999},
+                 "lr_decay": "none", "ema_decay": 0.999, "g_clip_norm": 10.0},
 }
 TRACKERS = ("wandb", "tensorboard", "none")
 LOSS_BACKENDS = ("auto", "cpp", "cuda", "torch")
