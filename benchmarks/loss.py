@@ -100,13 +100,15 @@ def main(argv=None) -> int:
     compiled = torch.compile(losses.discriminator_loss_sums)
     # The first large allocations of a process can stay slow for ~1 s (here: 80 against 25 ms per call at
     # B = 1048576, K = 10, for the first 8 calls, in whichever row came first): warm the memory up first.
-    sizes = [int(v) for v in args.batch_sizes.split(",")], [int(v) for v in args.classes.split(",")]
-    warm_logits = torch.randn(max(sizes[0]), max(sizes[1]), requires_grad=True)
-    warm_step = forward_backward(fused, warm_logits, torch.randint(-2, max(sizes[1]), (max(sizes[0]),)), "k-logit")
+    batch_sizes = [int(v) for v in args.batch_sizes.split(",")]
+    class_counts = [int(v) for v in args.classes.split(",")]
+    warm_logits = torch.randn(max(batch_sizes), max(class_counts), requires_grad=True)
+    warm_target = torch.randint(-2, max(class_counts), (max(batch_sizes),))
+    warm_step = forward_backward(fused, warm_logits, warm_target, "k-logit")
     warm_until = time.perf_counter() + args.warmup_seconds
     while time.perf_counter() < warm_until:
         warm_step()
-    del warm_logits, warm_step
+    del warm_logits, warm_target, warm_step
     exp_seconds = exp_seconds_per_element(args.min_seconds)
     rows = []
     header = (
@@ -118,8 +120,8 @@ def main(argv=None) -> int:
     print(header)
     print("-" * len(header))
     for formulation in args.formulations.split(","):
-        for k in sizes[1]:
-            for batch in sizes[0]:
+        for k in class_counts:
+            for batch in batch_sizes:
                 c = losses.num_logits(formulation, k)
                 logits = (torch.randn(batch, c) * 3).requires_grad_()
                 target = torch.randint(-2, k, (batch,))
