@@ -46,6 +46,9 @@ class TrainConfig:
         "help": "images per batch and process: each step D sees this many unlabeled, labeled and generated images"})
     lr: float = field(default=2e-4, metadata={"help": "Adam learning rate for D and G"})
     beta1: float = field(default=0.5, metadata={"help": "Adam beta1"})
+    adam_eps: float = field(default=1e-8, metadata={
+        "help": "Adam epsilon, added to sqrt(second moment). Larger values shrink the steps of parameters whose "
+                "gradients are smaller than it"})
     lr_decay: str = field(default="none", metadata={
         "help": "learning-rate schedule: none, or linear (to 0 at the end of --epochs; --max-steps does not change it)", "choices": ("none", "linear")})
     ema_decay: float = field(default=0.0, metadata={
@@ -106,6 +109,7 @@ class TrainConfig:
             (self.batch_size >= 1, "--batch-size must be >= 1"),
             (self.lr > 0, "--lr must be > 0"),
             (0 <= self.beta1 < 1, "--beta1 must be in [0, 1)"),
+            (self.adam_eps > 0, "--adam-eps must be > 0 (try 1e-8, PyTorch's default)"),
             (self.unlabeled_weight >= 0, "--unlabeled-weight must be >= 0"),
             (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
             (0 <= self.ema_decay < 1, "--ema-decay must be in [0, 1)"),

@@ -187,11 +187,11 @@ def train(config: TrainConfig) -> dict:
     # ---- models and optimisers (identical initial weights on every process)
     torch.manual_seed(config.seed)
     discriminator = build_discriminator(config, info.num_classes)
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=(config.beta1, 0.999))
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=(config.beta1, 0.999), eps=config.adam_eps)
     generator = opt_g = None
     if semi_supervised:
         generator = build_generator(config)
-        opt_g = torch.optim.Adam(generator.parameters(), lr=config.lr, betas=(config.beta1, 0.999))
+        opt_g = torch.optim.Adam(generator.parameters(), lr=config.lr, betas=(config.beta1, 0.999), eps=config.adam_eps)
     if hasattr(discriminator, "init_from_batch") and not config.resume:
         # data-dependent initialisation (Salimans): on the first global batch, identical on every process
         first = StepBatches(len(train_images), config.batch_size, config.seed, "unlabeled", 0, world_size).indices(0)
