@@ -107,3 +107,13 @@ def test_g_clip_norm_bounds_the_generator_step(tmp_path, mnist_root):
     # Adam's step is about lr whatever the gradient's scale; a gradient clipped to 1e-12 is swamped by eps
     assert largest_change("free", "0") > 1e-3
     assert largest_change("clipped", "1e-12") < 1e-5
+
+
+def test_adam_eps_reaches_both_optimisers(tmp_path, mnist_root):
+    out = tmp_path / "eps"
+    train(parse_config(["--recipe", "salimans", "--max-steps", "1", "--batch-size", "20", "--adam-eps", "1e-4",
+                        "--tracker", "none", "--cpu", "--output-dir", str(out), "--data-root", str(mnist_root)]))
+    checkpoint = next((out / "checkpoints").glob("step_*"))
+    for name in ("optimizer.bin", "optimizer_1.bin"):  # D's, then G's
+        state = torch.load(checkpoint / name, weights_only=True)
+        assert [group["eps"] for group in state["param_groups"]] == [1e-4]
