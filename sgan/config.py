@@ -51,6 +51,9 @@ class TrainConfig:
                 "gradients are smaller than it"})
     lr_decay: str = field(default="none", metadata={
         "help": "learning-rate schedule: none, or linear (to 0 at the end of --epochs; --max-steps does not change it)", "choices": ("none", "linear")})
+    lr_decay_start: float = field(default=0.0, metadata={
+        "help": "with --lr-decay linear: the fraction of --epochs run at the full lr before the decay starts "
+                "(0: from the first step; the paper's CIFAR-10 code holds for 2/3)"})
     ema_decay: float = field(default=0.0, metadata={
         "help": "exponential moving average of D's weights, used for evaluation (0: off; salimans: 0.999)"})
     networks: str = field(default="auto", metadata={
@@ -113,6 +116,7 @@ class TrainConfig:
             (self.unlabeled_weight >= 0, "--unlabeled-weight must be >= 0"),
             (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
             (0 <= self.ema_decay < 1, "--ema-decay must be in [0, 1)"),
+            (0 <= self.lr_decay_start < 1, "--lr-decay-start must be in [0, 1) (a fraction of --epochs)"),
             (self.g_clip_norm >= 0, "--g-clip-norm must be >= 0 (0 turns clipping off)"),
             (self.eval_batch_size >= 1, "--eval-batch-size must be >= 1"),
             (self.log_every >= 1, "--log-every must be >= 1"),

@@ -5,8 +5,8 @@ Each step of the seed recipe:
      batch by its own statistics), one loss call over the concatenated logits with per-row targets
      (class / UNLABELED / GENERATED), loss = CE / n_labeled + w * (real / n_real + fake / n_generated).
   2. G step: non-saturating loss -log D(G(z)).
-The salimans recipe (Salimans et al. 2016) has the same D step with its MLP D, trains G by feature matching,
-decays the learning rate linearly and evaluates an exponential moving average of D's weights.
+The salimans recipe (Salimans et al. 2016) has the same D step with its MLP D, trains G by feature matching
+(with its gradient norm clipped) and evaluates an exponential moving average of D's weights.
 The supervised recipe runs the same D on the labeled batches only: the baseline every claim is measured against.
 """
 from __future__ import annotations
@@ -77,6 +77,14 @@ def evaluate(accelerator, discriminator, images, labels, config: TrainConfig) ->
         correct += (class_logits(discriminator(x), config.formulation).argmax(dim=1) == y).sum()
     discriminator.train()
     return int(accelerator.reduce(correct, reduction="sum")) / len(images)
+
+
+def learning_rate(config: TrainConfig, step: int, schedule_steps: int) -> float:
+    """--lr; with --lr-decay linear, held for the first --lr-decay-start of the schedule, then down to 0 at its end."""
+    if config.lr_decay == "none":
+        return config.lr
+    decay_from = config.lr_decay_start * schedule_steps
+    return config.lr * min(1.0, (schedule_steps - step) / (schedule_steps - decay_from))
 
 
 def save_sample_grid(generator, path: Path, device, seed: int, rows: int = 10) -> None:
@@ -262,10 +270,10 @@ def train(config: TrainConfig) -> dict:
         for step in range(start_step, total_steps):
             inject_failure(step, rank)
             batches.seed_step(config.seed, step, rank)  # noise and dropout: a function of (seed, step, rank)
-            if config.lr_decay == "linear":
+            if config.lr_decay != "none":
                 for optimizer in (opt_d, opt_g):
                     for group in optimizer.param_groups if optimizer is not None else ():
-                        group["lr"] = config.lr * (1 - step / schedule_steps)
+                        group["lr"] = learning_rate(config, step, schedule_steps)
             picked = labeled_batches.indices(step).to(device)
             labeled_images, labels = labeled_images_all[picked], labeled_labels_all[picked]
 

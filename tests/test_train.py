@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from sgan.config import parse_config
 from sgan.losses import FORMULATIONS
 from sgan.models import Discriminator, Generator
-from sgan.train import main, train
+from sgan.train import learning_rate, main, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,6 +88,16 @@ def test_yaml_config_and_flag_precedence(tmp_path):
     assert config.formulation == "two-head" and config.num_labels == "50" and config.lr == 0.01
 
 
+def test_learning_rate_holds_then_decays_linearly_to_zero():
+    constant = parse_config(["--lr", "0.01"])
+    assert [learning_rate(constant, step, 100) for step in (0, 50, 99)] == [0.01] * 3
+    linear = parse_config(["--lr", "0.01", "--lr-decay", "linear"])
+    assert [learning_rate(linear, step, 100) for step in (0, 50, 100)] == pytest.approx([0.01, 0.005, 0.0])
+    held = parse_config(["--lr", "0.01", "--lr-decay", "linear", "--lr-decay-start", "0.75"])
+    assert [learning_rate(held, step, 100) for step in (0, 75, 80, 90, 100)] == \
+        pytest.approx([0.01, 0.01, 0.008, 0.004, 0.0])
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -96,6 +106,8 @@ def test_yaml_config_and_flag_precedence(tmp_path):
         (["--num-labels", "many"], "positive integer or 'all'"),
         (["--lr", "-1"], "--lr must be > 0"),
         (["--g-clip-norm", "-1"], "--g-clip-norm must be >= 0"),
+        (["--adam-eps", "0"], "--adam-eps must be > 0"),
+        (["--lr-decay-start", "1"], "--lr-decay-start must be in [0, 1)"),
         (["--num-labels", "105"], "not divisible by the 10 classes"),
         (["--config", "/nonexistent.yaml"], "no such file"),
     ],
