@@ -67,6 +67,9 @@ class TrainConfig:
         "help": "output layer of the salimans 28x28 G: softplus (default, learns faster here) or sigmoid (the paper's)",
         "choices": ("softplus", "sigmoid")})
     unlabeled_weight: float = field(default=1.0, metadata={"help": "weight of the real/fake (unsupervised) D loss"})
+    real_rows: str = field(default="all", metadata={
+        "help": "real images in D's real term: all (labeled and unlabeled) or unlabeled (the paper's code; the "
+                "labeled ones then only enter the cross-entropy)", "choices": ("all", "unlabeled")})
     g_clip_norm: float = field(default=0.0, metadata={
         "help": "clip G's gradient to this norm (0: off). One huge G gradient fills Adam's second moment and "
                 "stalls G for thousands of steps"})

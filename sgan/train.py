@@ -79,6 +79,25 @@ def evaluate(accelerator, discriminator, images, labels, config: TrainConfig) ->
     return int(accelerator.reduce(correct, reduction="sum")) / len(images)
 
 
+def discriminator_loss(loss_sums, logits: list, targets: list, config: TrainConfig):
+    """D's loss from its forwards' logits and targets, [labeled] or [labeled, unlabeled, generated]:
+    CE / n_labeled + w * (real / n_real + fake / n_generated). Returns it and the loss sums (for logging).
+
+    One loss call over all rows; with --real-rows unlabeled (the paper's code) the labeled rows get a call of
+    their own, so that they enter the cross-entropy only."""
+    n_labeled = len(targets[0])
+    if len(logits) == 1:  # supervised
+        sums = loss_sums(logits[0], targets[0])
+        return sums[0] / n_labeled, sums
+    if config.real_rows == "unlabeled":
+        supervised, unsupervised = loss_sums(logits[0], targets[0]), loss_sums(torch.cat(logits[1:]),
+                                                                               torch.cat(targets[1:]))
+        sums, n_real = torch.cat([supervised[:1], unsupervised[1:]]), len(targets[1])
+    else:
+        sums, n_real = loss_sums(torch.cat(logits), torch.cat(targets)), n_labeled + len(targets[1])
+    return sums[0] / n_labeled + config.unlabeled_weight * (sums[1] / n_real + sums[2] / len(targets[2])), sums
+
+
 def learning_rate(config: TrainConfig, step: int, schedule_steps: int) -> float:
     """--lr; with --lr-decay linear, held for the first --lr-decay-start of the schedule, then down to 0 at its end."""
     if config.lr_decay == "none":
@@ -289,12 +308,8 @@ def train(config: TrainConfig) -> dict:
                 with bn_stats_frozen(discriminator, config.freeze_bn_on_fakes):
                     logits.append(discriminator(fake_images))
                 targets.append(torch.full((len(fake_images),), GENERATED, device=device))
-            sums = loss_sums(torch.cat(logits), torch.cat(targets))
+            d_loss, sums = discriminator_loss(loss_sums, logits, targets, config)
             n_labeled = len(labeled_images)
-            d_loss = sums[0] / n_labeled
-            if semi_supervised:
-                d_loss = d_loss + config.unlabeled_weight * (
-                    sums[1] / (n_labeled + len(unlabeled_images)) + sums[2] / len(fake_images))
             opt_d.zero_grad(set_to_none=True)
             accelerator.backward(d_loss)
             opt_d.step()

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from sgan.config import parse_config
 from sgan.losses import FORMULATIONS
 from sgan.models import Discriminator, Generator
-from sgan.train import learning_rate, main, train
+from sgan.train import discriminator_loss, learning_rate, main, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,6 +86,30 @@ def test_yaml_config_and_flag_precedence(tmp_path):
     config_file.write_text("formulation: two-head\nnum-labels: 50\nlr: 0.001\n")
     config = parse_config(["--config", str(config_file), "--lr", "0.01"])
     assert config.formulation == "two-head" and config.num_labels == "50" and config.lr == 0.01
+
+
+@pytest.mark.parametrize("real_rows", ["all", "unlabeled"])
+def test_discriminator_loss_normalises_each_term_by_its_rows(real_rows):
+    from sgan.losses import GENERATED, UNLABELED
+    from sgan.ops import reference_loss_sums
+
+    config = parse_config(["--unlabeled-weight", "0.7", "--real-rows", real_rows])
+    torch.manual_seed(0)
+    logits = [torch.randn(n, 10, dtype=torch.float64) for n in (4, 6, 5)]
+    targets = [torch.tensor([0, 3, 3, 9]), torch.full((6,), UNLABELED), torch.full((5,), GENERATED)]
+
+    def sums(part):  # [CE, real, fake] of some of the forwards
+        return reference_loss_sums(torch.cat([logits[i] for i in part]), torch.cat([targets[i] for i in part]),
+                                   "k-logit")
+
+    labeled_real = sums([0])[1] if real_rows == "all" else 0.0
+    expected = sums([0])[0] / 4 + 0.7 * ((labeled_real + sums([1])[1]) / (4 + 6 if real_rows == "all" else 6)
+                                         + sums([2])[2] / 5)
+    loss, _ = discriminator_loss(lambda x, t: reference_loss_sums(x, t, "k-logit"), logits, targets, config)
+    torch.testing.assert_close(loss, expected)
+    supervised, _ = discriminator_loss(lambda x, t: reference_loss_sums(x, t, "k-logit"), logits[:1], targets[:1],
+                                       config)
+    torch.testing.assert_close(supervised, sums([0])[0] / 4)
 
 
 def test_learning_rate_holds_then_decays_linearly_to_zero():
