@@ -19,12 +19,14 @@ RECIPES = ("seed", "supervised", "salimans")
 # Defaults a recipe brings (below a --config file and command-line flags). salimans: Salimans et al. (2016),
 # MNIST: Adam 0.003 / 0.5, batch 100, a constant lr (as the paper's code), EMA of D for evaluation. Its
 # unsupervised loss is 0.5 * (real + fake) in the paper's code with unlabeled weight 1, which is
-# --unlabeled-weight 0.5 here. The paper's Adam adds 1e-8 to the second moment inside the square root, which
-# damps steps about as much as eps 1e-4 outside it (PyTorch's form) for the ~5e-5 gradients of D's weights.
+# --unlabeled-weight 0.5 here; its real term covers the unlabeled batch only (--real-rows unlabeled).
+# The paper's Adam adds 1e-8 to the second moment inside the square root, which damps steps about as much
+# as eps 1e-4 outside it (PyTorch's form) for the ~5e-5 gradients of D's weights.
 # G's gradient is clipped (not in the paper): see README, "Salimans recipe".
 RECIPE_DEFAULTS = {
     "salimans": {"formulation": "k-logit", "lr": 0.003, "beta1": 0.5, "adam_eps": 1e-4, "batch_size": 100,
-                 "unlabeled_weight": 0.5, "lr_decay": "none", "ema_decay": 0.999, "g_clip_norm": 10.0},
+                 "unlabeled_weight": 0.5, "real_rows": "unlabeled", "lr_decay": "none", "ema_decay": 0.999,
+                 "g_clip_norm": 10.0},
 }
 TRACKERS = ("wandb", "tensorboard", "none")
 LOSS_BACKENDS = ("auto", "cpp", "cuda", "torch")
