@@ -17,9 +17,9 @@ from pathlib import Path
 STATE_FILE = "trainer_state.json"
 # Settings a resumed run must share with the run that wrote the checkpoint.
 FINGERPRINT_KEYS = (
-    "dataset", "recipe", "formulation", "num_labels", "seed", "batch_size", "lr", "beta1", "adam_eps", "unlabeled_weight", "real_rows",
-    "latent_dim", "g_width", "d_width", "dropout", "d_batchnorm", "freeze_bn_on_fakes", "lr_decay", "lr_decay_start",
-    "ema_decay", "networks", "g_output", "g_clip_norm",
+    "dataset", "recipe", "formulation", "num_labels", "seed", "batch_size", "lr", "beta1", "adam_eps",
+    "unlabeled_weight", "real_rows", "latent_dim", "g_width", "d_width", "dropout", "d_batchnorm",
+    "freeze_bn_on_fakes", "lr_decay", "lr_decay_start", "ema_decay", "networks", "g_output", "g_clip_norm",
 )
 
 
