@@ -212,13 +212,16 @@ def train(config: TrainConfig) -> dict:
     epochs = math.ceil(total_steps / steps_per_epoch)
 
     # ---- models and optimisers (identical initial weights on every process)
+    def adam(network):  # the same optimiser settings for D and G
+        return torch.optim.Adam(network.parameters(), lr=config.lr, betas=(config.beta1, 0.999), eps=config.adam_eps)
+
     torch.manual_seed(config.seed)
     discriminator = build_discriminator(config, info.num_classes)
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=(config.beta1, 0.999), eps=config.adam_eps)
+    opt_d = adam(discriminator)
     generator = opt_g = None
     if semi_supervised:
         generator = build_generator(config)
-        opt_g = torch.optim.Adam(generator.parameters(), lr=config.lr, betas=(config.beta1, 0.999), eps=config.adam_eps)
+        opt_g = adam(generator)
     if hasattr(discriminator, "init_from_batch") and not config.resume:
         # data-dependent initialisation (Salimans): on the first global batch, identical on every process
         first = StepBatches(len(train_images), config.batch_size, config.seed, "unlabeled", 0, world_size).indices(0)
