@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 setup: $(VENV)/.installed data/MNIST/raw/.prepared
 
 # Re-run the install only when the packaging or the C++/CUDA sources change.
-$(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*) sgan/_build.py
+$(VENV)/.installed: setup.py pyproject.toml $(wildcard sgan/csrc/*.* sgan/csrc/*/*.*) sgan/_build.py
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found: install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "setuptools>=64" wheel

@@ -1,7 +1,7 @@
 """Build and install sgan.
 
-The fused loss op in csrc/ is built here as the extension ``sgan._C`` when torch is importable at build
-time (``pip install --no-build-isolation -e .``, which ``make setup`` runs). See README, "The fused loss op".
+The fused loss op in sgan/csrc/ is built here as the extension ``sgan._C`` when torch is importable at build
+time (``pip install --no-build-isolation -e .``, which ``make setup`` runs). See docs/fused-op.md.
 """
 import os
 import sys

@@ -1,8 +1,8 @@
-"""Build the fused loss op in csrc/ (see README.md, "The fused loss op").
+"""Build the fused loss op in sgan/csrc/ (see docs/fused-op.md).
 
 Three ways, sharing the source list and flags defined here:
   * at install: setup.py calls ``setuptools_extensions()``, which builds the extension ``sgan._C``;
-  * just in time: ``jit_load()`` compiles csrc/ with ninja on first use, cached in the torch extensions dir
+  * just in time: ``jit_load()`` compiles sgan/csrc/ with ninja on first use, cached in the torch extensions dir
     (``$TORCH_EXTENSIONS_DIR``, default ~/.cache/torch_extensions), when the package was installed without it;
   * CI: ``python -m sgan._build cuda-check`` compiles the CUDA kernel without a GPU and checks the library
     holds device code.
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"  # csrc/ sits at the repo root, beside sgan/
-CPU_SOURCES = ["loss_cpu.cpp"]
-CUDA_SOURCES = ["loss_cuda.cu"]
+CSRC = Path(__file__).resolve().parent / "csrc"  # inside the package, so an installed wheel carries it
+CPU_SOURCES = ["cpu/loss_cpu.cpp"]
+CUDA_SOURCES = ["cuda/loss_cuda.cu"]
 # -fopenmp on both compile and link: at::parallel_for is an OpenMP loop in the headers, so without it the
 # CPU kernel silently runs on one thread. -fno-trapping-math lets GCC vectorise the branch-free exp/log
 # loops and row reductions (their selects would otherwise count as control flow); NaN and inf handling
@@ -131,7 +131,7 @@ def setuptools_extensions():
 
 
 def jit_load(verbose: bool = False) -> str:
-    """Compile csrc/ with ninja (cached) and load it, which registers torch.ops.sgan. Returns the library path."""
+    """Compile sgan/csrc/ with ninja (cached) and load it, which registers torch.ops.sgan. Returns the library path."""
     if not (CSRC / CPU_SOURCES[0]).is_file():
         raise RuntimeError(f"no C++ sources at {CSRC}: the JIT build needs a source checkout (pip install -e .)")
     cuda = cuda_requested()

@@ -1,4 +1,4 @@
-"""The fused loss op (sgan.ops, csrc/) against the plain-PyTorch reference in sgan.losses.
+"""The fused loss op (sgan.ops, sgan/csrc/) against the plain-PyTorch reference in sgan.losses.
 
 The first use of the op may JIT-compile it (~15 s, once; cached), during collection.
 CUDA tests skip without a GPU.
@@ -209,7 +209,7 @@ def test_nan_propagates_like_the_reference(backend, formulation, kind, column):
         assert torch.isnan(sums).any()
 
 
-# --- the CPU kernels' vectorised exp and log (Cephes polynomials, csrc/loss_cpu.cpp) ---------------------
+# --- the CPU kernels' vectorised exp and log (Cephes polynomials, sgan/csrc/cpu/) ------------------------
 
 
 def vector_math(x, fn):

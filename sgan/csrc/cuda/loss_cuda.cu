@@ -13,8 +13,8 @@
 
 #include <algorithm>
 
-#include "loss_checks.h"
-#include "loss_math.h"
+#include "../loss_checks.h"
+#include "../loss_math.h"
 
 namespace sgan {
 namespace {

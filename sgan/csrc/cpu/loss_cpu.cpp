@@ -25,8 +25,8 @@
 #include <cstring>
 #include <vector>
 
-#include "loss_checks.h"
-#include "loss_math.h"
+#include "../loss_checks.h"
+#include "../loss_math.h"
 
 namespace sgan {
 namespace {
