@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"  # inside the package, so an installed wheel carries it
-CPU_SOURCES = ["cpu/loss_cpu.cpp"]
+# loss_op.cpp holds the schemas, autograd and module init; the kernels register themselves per device.
+CPU_SOURCES = ["loss_op.cpp", "cpu/loss_cpu.cpp"]
 CUDA_SOURCES = ["cuda/loss_cuda.cu"]
 # -fopenmp on both compile and link: at::parallel_for is an OpenMP loop in the headers, so without it the
 # CPU kernel silently runs on one thread. -fno-trapping-math lets GCC vectorise the branch-free exp/log

@@ -1,4 +1,4 @@
-"""The fused discriminator loss op (csrc/) behind the contract of sgan.losses.discriminator_loss_sums.
+"""The fused discriminator loss op (sgan/csrc/) behind the contract of sgan.losses.discriminator_loss_sums.
 
     discriminator_loss_sums(logits[B, C], target[B], formulation, backend="auto") -> Tensor[3]
 
@@ -23,7 +23,7 @@ discriminator_loss_sums(fake_logits, torch.full((B,), -1), formulation)[1].
 
 The compiled op is ``import sgan._C`` when the package was installed with it, else it is compiled on first
 use (sgan._build.jit_load, cached), else the "torch" backend is used. Under torch.compile(fullgraph=True)
-the backend is resolved once, while tracing. The op's autograd is registered in C++ (csrc/loss_cpu.cpp,
+the backend is resolved once, while tracing. The op's autograd is registered in C++ (sgan/csrc/loss_op.cpp,
 cheaper per call than torch.library.register_autograd); its fake (meta) kernels are registered here.
 """
 from __future__ import annotations
@@ -116,7 +116,7 @@ def _why_unavailable(backend: str) -> str | None:
         if not torch._C._dispatch_has_kernel_for_dispatch_key("sgan::loss_sums", "CUDA"):
             return (
                 "the op was compiled without its CUDA kernel: reinstall with the CUDA toolkit and a GPU visible, "
-                "or with SGAN_FORCE_CUDA=1 (see README, 'The fused loss op')"
+                "or with SGAN_FORCE_CUDA=1 (see docs/fused-op.md)"
             )
     return None
 
@@ -153,7 +153,7 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _register_fake() -> None:
     """Shapes for torch.compile and meta tensors: the Python part of the op (schemas, kernels and autograd
-    are in csrc/loss_cpu.cpp)."""
+    are in sgan/csrc/loss_op.cpp)."""
 
     @torch.library.register_fake("sgan::loss_sums")
     def _loss_sums_fake(logits, target, formulation):

@@ -1,10 +1,13 @@
-// Host-side argument checks and dispatch helpers shared by the CPU and CUDA implementations.
+// Host side of every kernel entry point, CPU and CUDA: the argument checks, and the one preparation
+// (prepare_loss_inputs) and dispatch (dispatch_loss) that each entry point calls.
 // The messages match the reference checks in sgan/losses.py, and so do the exception types:
 // TORCH_CHECK_VALUE raises ValueError and TORCH_CHECK_TYPE raises TypeError in Python.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
 
 #include <string>
 #include <type_traits>
@@ -21,16 +24,20 @@ inline Formulation parse_formulation(const std::string& name) {
   return Formulation::TwoHead;  // unreachable
 }
 
-// Calls fn(std::integral_constant<Formulation, F>{}) so kernels are specialised per formulation.
+// A formulation as a type, so kernels are specialised per formulation (and can deduce it).
+template <Formulation F>
+using FormulationTag = std::integral_constant<Formulation, F>;
+
+// Calls fn(FormulationTag<f>{}).
 template <class Fn>
 void dispatch_formulation(Formulation f, Fn&& fn) {
   switch (f) {
     case Formulation::TwoHead:
-      return fn(std::integral_constant<Formulation, Formulation::TwoHead>{});
+      return fn(FormulationTag<Formulation::TwoHead>{});
     case Formulation::KPlusOne:
-      return fn(std::integral_constant<Formulation, Formulation::KPlusOne>{});
+      return fn(FormulationTag<Formulation::KPlusOne>{});
     case Formulation::KLogit:
-      return fn(std::integral_constant<Formulation, Formulation::KLogit>{});
+      return fn(FormulationTag<Formulation::KLogit>{});
   }
 }
 
@@ -72,6 +79,64 @@ inline at::ScalarType accumulate_type(at::ScalarType dtype) {
 inline std::string bad_target_message(int64_t k, int64_t bad_value) {
   return "target values must lie in [-2, " + std::to_string(k - 1) +
          "] (class, -1 unlabeled, -2 generated), got " + std::to_string(bad_value);
+}
+
+// --- the preparation and dispatch of every entry point -------------------------------------------------
+
+// The inputs of either op, checked and laid out as the kernels read them.
+struct LossInputs {
+  Formulation formulation;
+  int64_t k;            // classes
+  at::Tensor logits;    // [B, C], contiguous
+  at::Tensor target;    // [B], int64, contiguous
+  at::ScalarType acc;   // what the kernels accumulate and return sums in (accumulate_type)
+
+  at::TensorOptions acc_options() const { return logits.options().dtype(acc); }
+};
+
+// The backward's inputs: the forward's, and grad_sums and row_lse contiguous in the accumulate type.
+struct LossBackwardInputs : LossInputs {
+  at::Tensor grad_sums;  // [3]
+  at::Tensor row_lse;    // [B]
+};
+
+// What a kernel reads of LossInputs: raw pointers and sizes, for logits of type T.
+template <class T>
+struct LossView {
+  const T* x;              // logits, rows x c, row-major
+  const int64_t* target;   // rows
+  int64_t rows, c, k;
+};
+
+// Checks the forward's inputs for the kernels of `device` and lays them out for them.
+inline LossInputs prepare_loss_inputs(const at::Tensor& logits, const at::Tensor& target,
+                                      c10::string_view formulation, c10::DeviceType device) {
+  const std::string name(formulation);
+  const Formulation f = parse_formulation(name);
+  const int64_t k = check_loss_inputs(logits, target, f, name);
+  TORCH_CHECK_VALUE(logits.device().type() == device, "sgan's ", device, " kernel got tensors on ", logits.device());
+  return {f, k, logits.contiguous(), target.to(at::kLong).contiguous(), accumulate_type(logits.scalar_type())};
+}
+
+inline LossBackwardInputs prepare_loss_backward_inputs(const at::Tensor& grad_sums, const at::Tensor& logits,
+                                                       const at::Tensor& target, const at::Tensor& row_lse,
+                                                       c10::string_view formulation, c10::DeviceType device) {
+  const LossInputs in = prepare_loss_inputs(logits, target, formulation, device);
+  check_backward_inputs(grad_sums, logits, row_lse);
+  // .contiguous(): autograd may pass grad_sums expanded (stride 0)
+  return {in, grad_sums.to(in.acc).contiguous(), row_lse.to(in.acc).contiguous()};
+}
+
+// Calls fn(FormulationTag<F>{}, LossView<T>) for the inputs' formulation F and logits type T: the one place
+// where the kernels are instantiated for every (formulation, dtype) pair. (check_loss_inputs has rejected
+// other dtypes already, so the dispatch's own error never shows.)
+template <class Fn>
+void dispatch_loss(const LossInputs& in, Fn&& fn) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.logits.scalar_type(), "sgan::loss_sums", [&] {
+    const LossView<scalar_t> view{in.logits.const_data_ptr<scalar_t>(), in.target.const_data_ptr<int64_t>(),
+                                  in.logits.size(0), in.logits.size(1), in.k};
+    dispatch_formulation(in.formulation, [&](auto form) { fn(form, view); });
+  });
 }
 
 }  // namespace sgan

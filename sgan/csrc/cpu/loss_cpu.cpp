@@ -1,20 +1,10 @@
-// The fused discriminator loss: op schemas (TORCH_LIBRARY) and the CPU implementation.
-// The CUDA implementation of the same ops is in loss_cuda.cu; the per-row math both use is in loss_math.h.
-//
-//   sgan::loss_sums(logits[B, C], target[B], formulation) -> (sums[3], row_lse[B])
-//   sgan::loss_sums_backward(grad_sums[3], logits, target, row_lse, formulation) -> grad_logits[B, C]
-//
-// row_lse (m of every row, float32 or float64) is saved by the forward so the backward recomputes each
-// gradient row from it in one pass. Autograd is registered here too (C++ is much cheaper per call than
-// torch.library.register_autograd); the Python wrapper and the fake (meta) kernels are in sgan/ops.py.
-#include <Python.h>
-
-#include <ATen/Dispatch.h>
+// CPU kernels of sgan::loss_sums and sgan::loss_sums_backward (schemas and autograd: ../loss_op.cpp), and the
+// test hook sgan::_vector_math. Rows are split into fixed blocks; each block's exps and logs are evaluated in
+// the vectorised loops of vector_math.h, and its per-row terms by ../loss_math.h, which the CUDA kernels use too.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #if defined(__linux__)
@@ -22,11 +12,11 @@
 #endif
 
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #include "../loss_checks.h"
 #include "../loss_math.h"
+#include "vector_math.h"
 
 namespace sgan {
 namespace {
@@ -35,19 +25,7 @@ namespace {
 // loop of exp_block, small enough to stay in L1 and to split a 4096 x 11 batch between threads.
 constexpr int64_t kBlockElements = 2048;
 
-// Transcendentals are most of the work: an exp per logit in the forward and in the backward, and a few
-// per row. glibc's scalar expf/logf would make the op several times slower than memory bandwidth, so the
-// CPU kernels gather the arguments of a block of rows into buffers and evaluate them in loops the compiler
-// vectorises: Cephes' expf and logf polynomials (relative error ~1e-7), branch-free arithmetic (which
-// needs -fno-trapping-math to vectorise with GCC). On x86-64 Linux with GCC, an AVX2 + FMA clone of those
-// loops and of the per-block kernels (their short per-row loops, ~5% faster) is also compiled and picked at
-// load time (target_clones), so the library still runs on CPUs without AVX2. (Clang does not clone
-// templates.) float64 (for gradcheck) uses the scalar library functions.
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
-#define SGAN_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define SGAN_CPU_CLONES
-#endif
+int64_t rows_per_block(int64_t c) { return std::max<int64_t>(1, kBlockElements / c); }
 
 // A large new tensor is fresh memory from mmap: the first write page-faults every 4 KiB page, which at
 // B = 10^6 took as long as the kernel itself (25 ms for a 46 MB gradient, 4 ms to copy the same bytes).
@@ -64,107 +42,6 @@ at::Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& options) {
   if (end >= begin + 2 * kHuge) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
 #endif
   return t;
-}
-
-inline float bits_to_float(int32_t bits) {
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-inline int32_t float_to_bits(float f) {
-  int32_t bits;
-  std::memcpy(&bits, &f, 4);
-  return bits;
-}
-
-// y = exp(y), elementwise.
-SGAN_CPU_CLONES void exp_block(float* __restrict y, int64_t n) {
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer held in the low bits
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const float x = y[i];
-    const float xc = std::min(std::max(x, -87.0f), 88.0f);  // keeps 2^e a normal float
-    const float big = xc * 1.44269504088896341f + kRound;
-    const float e = big - kRound;                              // round(x / ln 2)
-    const float r = xc - e * 0.693359375f + e * 2.12194440e-4f;  // x - e ln 2, in two parts: |r| <= ln 2 / 2
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    float out = p * bits_to_float((float_to_bits(big) - float_to_bits(kRound) + 127) << 23);  // p * 2^e
-    out = x < -87.0f ? 0.0f : out;      // underflow, and exp(-inf) = 0
-    out = x > 88.0f ? INFINITY : out;   // overflow (only after an infinite max, see lse_shift)
-    y[i] = x != x ? x : out;            // NaN stays NaN
-  }
-}
-
-// y = log(y), elementwise, for y that are 0, normal floats or inf (here: sums of exps >= 1, or 1 + e).
-SGAN_CPU_CLONES void log_block(float* __restrict y, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const float x = y[i];
-    const int32_t bits = float_to_bits(x);
-    float e = float(((bits >> 23) & 0xff) - 126);
-    float f = bits_to_float((bits & 0x007fffff) | 0x3f000000);  // x = f * 2^e, f in [0.5, 1)
-    const bool low = f < 0.707106781186547524f;
-    e = low ? e - 1.0f : e;
-    f = low ? f + f - 1.0f : f - 1.0f;  // log x = log(1 + f) + e ln 2, |f| < 0.42
-    const float z = f * f;
-    float p = 7.0376836292e-2f;
-    p = p * f - 1.1514610310e-1f;
-    p = p * f + 1.1676998740e-1f;
-    p = p * f - 1.2420140846e-1f;
-    p = p * f + 1.4249322787e-1f;
-    p = p * f - 1.6668057665e-1f;
-    p = p * f + 2.0000714765e-1f;
-    p = p * f - 2.4999993993e-1f;
-    p = p * f + 3.3333331174e-1f;
-    float out = (p * f * z - 2.12194440e-4f * e - 0.5f * z) + f + 0.693359375f * e;
-    out = x == 0.0f ? -INFINITY : out;
-    out = x == INFINITY ? x : out;
-    out = x < 0.0f ? NAN : out;
-    y[i] = x != x ? x : out;
-  }
-}
-
-void exp_block(double* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] = exp_(y[i]);
-}
-
-void log_block(double* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] = log_(y[i]);
-}
-
-// y = log1p(y) for y in [0, 1], via log(1 + y) corrected for the rounding of 1 + y (Goldberg's trick).
-template <class A>
-void log1p_block(A* y, A* scratch, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) scratch[i] = A(1) + y[i];
-  log_block(scratch, n);
-  for (int64_t i = 0; i < n; ++i) {
-    const A u = A(1) + y[i];
-    y[i] = u == A(1) ? y[i] : scratch[i] * (y[i] / (u - A(1)));
-  }
-}
-
-// Reduction of x[0..k) with 8 independent partial results, combined in a fixed order: no serial
-// dependency chain, and GCC vectorises the inner loop (a plain loop-carried max or sum would need
-// -ffast-math to vectorise).
-template <class A, class T, class Op>
-inline A reduce_row(const T* x, int64_t k, A init, Op op) {
-  A acc[8];
-  for (int q = 0; q < 8; ++q) acc[q] = init;
-  int64_t j = 0;
-  for (; j + 8 <= k; j += 8) {
-    for (int q = 0; q < 8; ++q) acc[q] = op(acc[q], A(x[j + q]));
-  }
-  for (; j < k; ++j) acc[0] = op(acc[0], A(x[j]));
-  A out = init;
-  for (int q = 0; q < 8; ++q) out = op(out, acc[q]);
-  return out;
 }
 
 // Per-thread buffers for a block of rows.
@@ -251,35 +128,31 @@ SGAN_CPU_CLONES void loss_sums_backward_block(const T* x, const int64_t* tgt, co
 }
 
 template <Formulation F, class T>
-void loss_sums_kernel(const at::Tensor& logits, const at::Tensor& target, int64_t k, at::Tensor& sums,
-                      at::Tensor& row_lse) {
+void loss_sums_kernel(FormulationTag<F>, const LossView<T>& in, at::Tensor& sums, at::Tensor& row_lse) {
   using A = at::opmath_type<T>;
-  const T* x = logits.const_data_ptr<T>();
-  const int64_t* tgt = target.const_data_ptr<int64_t>();
   A* lse = row_lse.mutable_data_ptr<A>();
-  const int64_t rows = logits.size(0);
-  const int64_t c = logits.size(1);
-
   // Fixed blocks of rows whose partial sums are added in block order: the result does not depend on the
   // number of threads. Partials are float64 so 10^6 rows sum as accurately as torch.sum does.
-  const int64_t rows_per_block = std::max<int64_t>(1, kBlockElements / c);
-  const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
+  const int64_t block_rows = rows_per_block(in.c);
+  const int64_t blocks = (in.rows + block_rows - 1) / block_rows;
   std::vector<double> partial(3 * blocks, 0.0);
   std::vector<char> block_bad(blocks, 0);
 
   at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
-    Scratch<A> s(rows_per_block, k);
+    Scratch<A> s(block_rows, in.k);
     for (int64_t block = block_begin; block < block_end; ++block) {
-      const int64_t first = block * rows_per_block;
-      const int64_t n = std::min(rows, first + rows_per_block) - first;
-      block_bad[block] = loss_sums_block<F>(x + first * c, tgt + first, n, c, k, s, lse + first, &partial[3 * block]);
+      const int64_t first = block * block_rows;
+      const int64_t n = std::min(in.rows, first + block_rows) - first;
+      block_bad[block] = loss_sums_block<F>(in.x + first * in.c, in.target + first, n, in.c, in.k, s, lse + first,
+                                            &partial[3 * block]);
     }
   });
 
   for (int64_t block = 0; block < blocks; ++block) {
     if (!block_bad[block]) continue;
-    for (int64_t row = block * rows_per_block;; ++row) {  // this block holds a bad target: find it
-      if (tgt[row] < kGenerated || tgt[row] >= k) TORCH_CHECK_VALUE(false, bad_target_message(k, tgt[row]));
+    for (int64_t row = block * block_rows;; ++row) {  // this block holds a bad target: find it
+      const int64_t t = in.target[row];
+      TORCH_CHECK_VALUE(t >= kGenerated && t < in.k, bad_target_message(in.k, t));
     }
   }
   double total[3] = {0, 0, 0};
@@ -291,63 +164,41 @@ void loss_sums_kernel(const at::Tensor& logits, const at::Tensor& target, int64_
 }
 
 template <Formulation F, class T>
-void loss_sums_backward_kernel(const at::Tensor& grad_sums, const at::Tensor& logits, const at::Tensor& target,
-                               const at::Tensor& row_lse, int64_t k, at::Tensor& grad) {
+void loss_sums_backward_kernel(FormulationTag<F>, const LossView<T>& in, const at::Tensor& grad_sums,
+                               const at::Tensor& row_lse, at::Tensor& grad) {
   using A = at::opmath_type<T>;
   const A* g = grad_sums.const_data_ptr<A>();
-  const A g_ce = g[0], g_real = g[1], g_gen = g[2];
-  const T* x = logits.const_data_ptr<T>();
-  const int64_t* tgt = target.const_data_ptr<int64_t>();
   const A* lse = row_lse.const_data_ptr<A>();
   T* out = grad.mutable_data_ptr<T>();
-  const int64_t rows = logits.size(0);
-  const int64_t c = logits.size(1);
-  const int64_t rows_per_block = std::max<int64_t>(1, kBlockElements / c);
+  const int64_t block_rows = rows_per_block(in.c);
 
-  at::parallel_for(0, rows, rows_per_block, [&](int64_t begin, int64_t end) {
-    Scratch<A> s(rows_per_block, k);
-    for (int64_t first = begin; first < end; first += rows_per_block) {
-      const int64_t n = std::min(end, first + rows_per_block) - first;
-      loss_sums_backward_block<F>(x + first * c, tgt + first, lse + first, g_ce, g_real, g_gen, n, c, k, s,
-                                  out + first * c);
+  at::parallel_for(0, in.rows, block_rows, [&](int64_t begin, int64_t end) {
+    Scratch<A> s(block_rows, in.k);
+    for (int64_t first = begin; first < end; first += block_rows) {
+      const int64_t n = std::min(end, first + block_rows) - first;
+      loss_sums_backward_block<F>(in.x + first * in.c, in.target + first, lse + first, g[0], g[1], g[2], n, in.c,
+                                  in.k, s, out + first * in.c);
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> loss_sums_cpu(const at::Tensor& logits_in, const at::Tensor& target_in,
-                                                 c10::string_view formulation_name) {
-  const std::string name(formulation_name);
-  const Formulation f = parse_formulation(name);
-  const int64_t k = check_loss_inputs(logits_in, target_in, f, name);
-  TORCH_CHECK_VALUE(logits_in.device().is_cpu(), "sgan::loss_sums CPU kernel got a tensor on ", logits_in.device());
-  const at::Tensor logits = logits_in.contiguous();
-  const at::Tensor target = target_in.to(at::kLong).contiguous();
-  const auto acc = logits.options().dtype(accumulate_type(logits.scalar_type()));
-  at::Tensor sums = at::empty({3}, acc);
-  at::Tensor row_lse = empty_huge({logits.size(0)}, acc);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "sgan_loss_sums_cpu", [&] {
-    dispatch_formulation(f, [&](auto form) { loss_sums_kernel<decltype(form)::value, scalar_t>(logits, target, k, sums, row_lse); });
+std::tuple<at::Tensor, at::Tensor> loss_sums_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                                 c10::string_view formulation) {
+  const LossInputs in = prepare_loss_inputs(logits, target, formulation, at::kCPU);
+  at::Tensor sums = at::empty({3}, in.acc_options());
+  at::Tensor row_lse = empty_huge({in.logits.size(0)}, in.acc_options());
+  dispatch_loss(in, [&](auto form, const auto& view) {
+    loss_sums_kernel(form, view, sums, row_lse);
   });
   return {sums, row_lse};
 }
 
-at::Tensor loss_sums_backward_cpu(const at::Tensor& grad_sums, const at::Tensor& logits_in,
-                                  const at::Tensor& target_in, const at::Tensor& row_lse_in,
-                                  c10::string_view formulation_name) {
-  const std::string name(formulation_name);
-  const Formulation f = parse_formulation(name);
-  const int64_t k = check_loss_inputs(logits_in, target_in, f, name);
-  check_backward_inputs(grad_sums, logits_in, row_lse_in);
-  const auto acc = accumulate_type(logits_in.scalar_type());
-  const at::Tensor logits = logits_in.contiguous();
-  const at::Tensor target = target_in.to(at::kLong).contiguous();
-  const at::Tensor row_lse = row_lse_in.to(acc).contiguous();
-  const at::Tensor g = grad_sums.to(acc).contiguous();  // autograd may pass an expanded (stride 0) tensor
-  at::Tensor grad = empty_huge(logits.sizes(), logits.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "sgan_loss_sums_backward_cpu", [&] {
-    dispatch_formulation(f, [&](auto form) {
-      loss_sums_backward_kernel<decltype(form)::value, scalar_t>(g, logits, target, row_lse, k, grad);
-    });
+at::Tensor loss_sums_backward_cpu(const at::Tensor& grad_sums, const at::Tensor& logits, const at::Tensor& target,
+                                  const at::Tensor& row_lse, c10::string_view formulation) {
+  const LossBackwardInputs in = prepare_loss_backward_inputs(grad_sums, logits, target, row_lse, formulation, at::kCPU);
+  at::Tensor grad = empty_huge(in.logits.sizes(), in.logits.options());
+  dispatch_loss(in, [&](auto form, const auto& view) {
+    loss_sums_backward_kernel(form, view, in.grad_sums, in.row_lse, grad);
   });
   return grad;
 }
@@ -365,84 +216,7 @@ at::Tensor vector_math_cpu(const at::Tensor& x, c10::string_view fn) {
   return y;
 }
 
-// --- autograd, for every device ------------------------------------------------------------------------
-// In C++: torch.library.register_autograd's Python path cost ~0.07 ms more per forward + backward (0.33 ->
-// 0.26 ms at B = 4096, K = 10, one thread), half the time of both CPU kernels there. The forward and backward
-// call the ops below autograd, through the dispatcher, so the CPU or CUDA kernel (or the fake kernel, under
-// torch.compile) runs. (torch.func transforms do not support C++ autograd functions: use backend="torch".)
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
-std::tuple<at::Tensor, at::Tensor> call_loss_sums(const at::Tensor& logits, const at::Tensor& target,
-                                                  c10::string_view formulation) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("sgan::loss_sums", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                       c10::string_view)>();
-  return op.call(logits, target, formulation);
-}
-
-at::Tensor call_loss_sums_backward(const at::Tensor& grad_sums, const at::Tensor& logits, const at::Tensor& target,
-                                   const at::Tensor& row_lse, c10::string_view formulation) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("sgan::loss_sums_backward", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               const at::Tensor&, c10::string_view)>();
-  return op.call(grad_sums, logits, target, row_lse, formulation);
-}
-
-struct LossSumsBackwardFunction : torch::autograd::Function<LossSumsBackwardFunction> {
-  static at::Tensor forward(AutogradContext*, const at::Tensor& grad_sums, const at::Tensor& logits,
-                            const at::Tensor& target, const at::Tensor& row_lse, c10::string_view formulation) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return call_loss_sums_backward(grad_sums, logits, target, row_lse, formulation);
-  }
-  static variable_list backward(AutogradContext*, variable_list) {
-    TORCH_CHECK_NOT_IMPLEMENTED(false, "sgan: the fused loss op has no double backward (e.g. for a gradient "
-                                       "penalty): use backend='torch'");
-  }
-};
-
-struct LossSumsFunction : torch::autograd::Function<LossSumsFunction> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target,
-                               c10::string_view formulation) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [sums, row_lse] = call_loss_sums(logits, target, formulation);
-    ctx->save_for_backward({logits, target, row_lse});
-    ctx->saved_data["formulation"] = std::string(formulation);
-    ctx->mark_non_differentiable({row_lse});  // an internal statistic the wrappers never return
-    return {sums, row_lse};
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const variable_list saved = ctx->get_saved_variables();
-    at::Tensor grad;
-    if (ctx->needs_input_grad(0)) {
-      grad = LossSumsBackwardFunction::apply(grad_outputs[0], saved[0], saved[1], saved[2],
-                                             ctx->saved_data["formulation"].toStringRef());
-    }
-    return {grad, at::Tensor(), at::Tensor()};
-  }
-};
-
-std::tuple<at::Tensor, at::Tensor> loss_sums_autograd(const at::Tensor& logits, const at::Tensor& target,
-                                                      c10::string_view formulation) {
-  const variable_list out = LossSumsFunction::apply(logits, target, formulation);
-  return {out[0], out[1]};
-}
-
-at::Tensor loss_sums_backward_autograd(const at::Tensor& grad_sums, const at::Tensor& logits,
-                                       const at::Tensor& target, const at::Tensor& row_lse,
-                                       c10::string_view formulation) {
-  return LossSumsBackwardFunction::apply(grad_sums, logits, target, row_lse, formulation);
-}
-
 }  // namespace
-
-TORCH_LIBRARY(sgan, m) {
-  m.def("loss_sums(Tensor logits, Tensor target, str formulation) -> (Tensor, Tensor)");
-  m.def("loss_sums_backward(Tensor grad_sums, Tensor logits, Tensor target, Tensor row_lse, str formulation) -> Tensor");
-  m.def("_vector_math(Tensor x, str fn) -> Tensor");  // tests only
-}
 
 TORCH_LIBRARY_IMPL(sgan, CPU, m) {
   m.impl("loss_sums", &loss_sums_cpu);
@@ -450,16 +224,4 @@ TORCH_LIBRARY_IMPL(sgan, CPU, m) {
   m.impl("_vector_math", &vector_math_cpu);
 }
 
-TORCH_LIBRARY_IMPL(sgan, Autograd, m) {
-  m.impl("loss_sums", &loss_sums_autograd);
-  m.impl("loss_sums_backward", &loss_sums_backward_autograd);
-}
-
 }  // namespace sgan
-
-// `import sgan._C` loads this library, which registers the ops above with torch.ops.sgan. The module itself
-// is empty (no pybind11: the ops are called through the dispatcher).
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}

@@ -1,7 +1,6 @@
-// CUDA implementation of sgan::loss_sums and sgan::loss_sums_backward (schemas and the CPU implementation
-// are in loss_cpu.cpp; the per-row math is in loss_math.h). Only the ATen/c10 headers this file uses are
+// CUDA kernels of sgan::loss_sums and sgan::loss_sums_backward (schemas and autograd: ../loss_op.cpp; the
+// per-row math, shared with the CPU kernels: ../loss_math.h). Only the ATen/c10 headers this file uses are
 // included: torch/extension.h would add minutes of host compilation.
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -21,6 +20,7 @@ namespace {
 
 constexpr int kWarp = 32;
 constexpr int kForwardThreads = 256;     // 8 warps; each warp reduces one row at a time
+constexpr int kWarpsPerBlock = kForwardThreads / kWarp;
 constexpr int kMaxForwardBlocks = 1024;  // bounds the per-block partial sums that finalize_kernel adds
 constexpr int kBackwardThreads = 256;
 constexpr int64_t kMaxBackwardBlocks = 65536;
@@ -44,7 +44,6 @@ template <Formulation F, class T, class A>
 __global__ void loss_sums_kernel(const T* __restrict__ x, const int64_t* __restrict__ target, int64_t rows,
                                  int64_t c, int64_t k, A* __restrict__ row_lse, double* __restrict__ partial,
                                  int64_t* __restrict__ bad) {
-  constexpr int kWarpsPerBlock = kForwardThreads / kWarp;
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
   double ce = 0, real = 0, gen = 0;  // lane 0's running sums
@@ -116,72 +115,63 @@ __global__ void loss_sums_backward_kernel(const A* __restrict__ grad_sums, const
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> loss_sums_cuda(const at::Tensor& logits_in, const at::Tensor& target_in,
-                                                  c10::string_view formulation_name) {
-  const std::string name(formulation_name);
-  const Formulation f = parse_formulation(name);
-  const int64_t k = check_loss_inputs(logits_in, target_in, f, name);
-  TORCH_CHECK_VALUE(logits_in.is_cuda(), "sgan::loss_sums CUDA kernel got a tensor on ", logits_in.device());
-  const c10::cuda::CUDAGuard guard(logits_in.device());
-  const at::Tensor logits = logits_in.contiguous();
-  const at::Tensor target = target_in.to(at::kLong).contiguous();
-  const int64_t rows = logits.size(0);
-  const auto acc = logits.options().dtype(accumulate_type(logits.scalar_type()));
-  at::Tensor sums = at::empty({3}, acc);
-  at::Tensor row_lse = at::empty({rows}, acc);
-  const int64_t warps_per_block = kForwardThreads / kWarp;
-  const int blocks = int(std::clamp<int64_t>((rows + warps_per_block - 1) / warps_per_block, 1, kMaxForwardBlocks));
-  at::Tensor partial = at::empty({3 * blocks}, logits.options().dtype(at::kDouble));
-  at::Tensor bad = at::zeros({2}, logits.options().dtype(at::kLong));  // [found, value]
+// Forward blocks for a batch: one warp per row, up to kMaxForwardBlocks (then grid-stride).
+int forward_blocks(int64_t rows) {
+  return int(std::clamp<int64_t>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock, 1, kMaxForwardBlocks));
+}
+
+template <Formulation F, class T>
+void launch_loss_sums(FormulationTag<F>, const LossView<T>& in, at::Tensor& sums, at::Tensor& row_lse,
+                      at::Tensor& partial, at::Tensor& bad) {
+  using A = at::opmath_type<T>;
+  const int blocks = int(partial.numel() / 3);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  loss_sums_kernel<F, T, A><<<blocks, kForwardThreads, 0, stream>>>(
+      in.x, in.target, in.rows, in.c, in.k, row_lse.mutable_data_ptr<A>(), partial.mutable_data_ptr<double>(),
+      bad.mutable_data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  finalize_kernel<A><<<1, kWarp, 0, stream>>>(partial.const_data_ptr<double>(), blocks, sums.mutable_data_ptr<A>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "sgan_loss_sums_cuda", [&] {
-    using A = at::opmath_type<scalar_t>;
-    dispatch_formulation(f, [&](auto form) {
-      loss_sums_kernel<decltype(form)::value, scalar_t, A><<<blocks, kForwardThreads, 0, stream>>>(
-          logits.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(), rows, logits.size(1), k,
-          row_lse.mutable_data_ptr<A>(), partial.mutable_data_ptr<double>(), bad.mutable_data_ptr<int64_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-    finalize_kernel<A><<<1, kWarp, 0, stream>>>(partial.const_data_ptr<double>(), blocks, sums.mutable_data_ptr<A>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+template <Formulation F, class T>
+void launch_loss_sums_backward(FormulationTag<F>, const LossView<T>& in, const at::Tensor& grad_sums,
+                               const at::Tensor& row_lse, at::Tensor& grad) {
+  using A = at::opmath_type<T>;
+  const int64_t n = in.rows * in.c;
+  if (n == 0) return;
+  const int blocks = int(std::min<int64_t>((n + kBackwardThreads - 1) / kBackwardThreads, kMaxBackwardBlocks));
+  loss_sums_backward_kernel<F, T, A><<<blocks, kBackwardThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      grad_sums.const_data_ptr<A>(), in.x, in.target, row_lse.const_data_ptr<A>(), in.rows, in.c, in.k,
+      grad.mutable_data_ptr<T>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor> loss_sums_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                                  c10::string_view formulation) {
+  const LossInputs in = prepare_loss_inputs(logits, target, formulation, at::kCUDA);
+  const c10::cuda::CUDAGuard guard(in.logits.device());
+  at::Tensor sums = at::empty({3}, in.acc_options());
+  at::Tensor row_lse = at::empty({in.logits.size(0)}, in.acc_options());
+  at::Tensor partial = at::empty({3 * forward_blocks(in.logits.size(0))}, in.logits.options().dtype(at::kDouble));
+  at::Tensor bad = at::zeros({2}, in.target.options());  // [found, value]
+  dispatch_loss(in, [&](auto form, const auto& view) {
+    launch_loss_sums(form, view, sums, row_lse, partial, bad);
   });
-
   // Like the reference, check target values (one 16-byte copy, which waits for the kernels).
   const at::Tensor bad_host = bad.cpu();
   const int64_t* found = bad_host.const_data_ptr<int64_t>();
-  TORCH_CHECK_VALUE(found[0] == 0, bad_target_message(k, found[1]));
+  TORCH_CHECK_VALUE(found[0] == 0, bad_target_message(in.k, found[1]));
   return {sums, row_lse};
 }
 
-at::Tensor loss_sums_backward_cuda(const at::Tensor& grad_sums, const at::Tensor& logits_in,
-                                   const at::Tensor& target_in, const at::Tensor& row_lse_in,
-                                   c10::string_view formulation_name) {
-  const std::string name(formulation_name);
-  const Formulation f = parse_formulation(name);
-  const int64_t k = check_loss_inputs(logits_in, target_in, f, name);
-  check_backward_inputs(grad_sums, logits_in, row_lse_in);
-  TORCH_CHECK_VALUE(logits_in.is_cuda(), "sgan::loss_sums_backward CUDA kernel got a tensor on ", logits_in.device());
-  const c10::cuda::CUDAGuard guard(logits_in.device());
-  const auto acc = accumulate_type(logits_in.scalar_type());
-  const at::Tensor logits = logits_in.contiguous();
-  const at::Tensor target = target_in.to(at::kLong).contiguous();
-  const at::Tensor row_lse = row_lse_in.to(acc).contiguous();
-  const at::Tensor g = grad_sums.to(acc).contiguous();  // autograd may pass an expanded (stride 0) tensor
-  at::Tensor grad = at::empty(logits.sizes(), logits.options());
-  const int64_t n = logits.numel();
-  if (n == 0) return grad;
-  const int blocks = int(std::min<int64_t>((n + kBackwardThreads - 1) / kBackwardThreads, kMaxBackwardBlocks));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "sgan_loss_sums_backward_cuda", [&] {
-    using A = at::opmath_type<scalar_t>;
-    dispatch_formulation(f, [&](auto form) {
-      loss_sums_backward_kernel<decltype(form)::value, scalar_t, A><<<blocks, kBackwardThreads, 0, stream>>>(
-          g.const_data_ptr<A>(), logits.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(),
-          row_lse.const_data_ptr<A>(), logits.size(0), logits.size(1), k, grad.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+at::Tensor loss_sums_backward_cuda(const at::Tensor& grad_sums, const at::Tensor& logits, const at::Tensor& target,
+                                   const at::Tensor& row_lse, c10::string_view formulation) {
+  const LossBackwardInputs in = prepare_loss_backward_inputs(grad_sums, logits, target, row_lse, formulation, at::kCUDA);
+  const c10::cuda::CUDAGuard guard(in.logits.device());
+  at::Tensor grad = at::empty(in.logits.sizes(), in.logits.options());
+  dispatch_loss(in, [&](auto form, const auto& view) {
+    launch_loss_sums_backward(form, view, in.grad_sums, in.row_lse, grad);
   });
   return grad;
 }
