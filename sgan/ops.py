@@ -1,6 +1,7 @@
 """The fused discriminator loss op (sgan/csrc/) behind the contract of sgan.losses.discriminator_loss_sums.
 
-    discriminator_loss_sums(logits[B, C], target[B], formulation, backend="auto") -> Tensor[3]
+    discriminator_loss_sums(logits[B, C], target[B], formulation, backend="auto", *, check_targets=True)
+        -> Tensor[3]
 
 One pass over the logits computes the three loss sums and saves each row's logsumexp; the backward is a
 second fused op that writes the gradient from those per-row statistics. float32, float16 and bfloat16
@@ -17,6 +18,12 @@ Backends:
 Rule for $SGAN_LOSS_BACKEND (auto|cpp|cuda|torch): it replaces "auto" only. A backend passed explicitly
 wins over it; a backend chosen either way (argument or variable) that cannot run raises an error saying
 why and how to fix it, rather than falling back silently.
+
+check_targets=False skips the fused op's check that every target lies in [-2, K), for callers that build
+the targets themselves, like the training loop. On CUDA that check is the forward's only wait for the GPU (a
+16-byte copy to the host), so without it a step can be captured as a CUDA graph. An out-of-range target then
+makes all three sums NaN, and its row of the gradient; no memory is read or written out of bounds. The
+"torch" backend always checks.
 
 The generator's non-saturating loss is the real-rows sum with every row unlabeled:
 discriminator_loss_sums(fake_logits, torch.full((B,), -1), formulation)[1].
@@ -47,14 +54,17 @@ _library_path: str | None = None  # the shared library holding the op, once load
 _warned = False
 
 
-def discriminator_loss_sums(logits: Tensor, target: Tensor, formulation: str, backend: str = "auto") -> Tensor:
+def discriminator_loss_sums(
+    logits: Tensor, target: Tensor, formulation: str, backend: str = "auto", *, check_targets: bool = True
+) -> Tensor:
     """Loss sums [supervised CE, -log D over real rows, -log(1 - D) over generated rows], as in sgan.losses.
 
     backend: "auto" (default; $SGAN_LOSS_BACKEND overrides it), "cpp", "cuda" or "torch"; see the module doc.
+    check_targets: False skips the fused op's target check (no host sync on CUDA; a bad target gives NaN sums).
     """
     if _resolve(backend, logits.device.type) == "torch":
         return reference_loss_sums(logits, target, formulation)
-    return torch.ops.sgan.loss_sums.default(logits, target, formulation)[0]
+    return torch.ops.sgan.loss_sums.default(logits, target, formulation, check_targets)[0]
 
 
 def available_backends() -> list[str]:
@@ -156,7 +166,7 @@ def _register_fake() -> None:
     are in sgan/csrc/loss_op.cpp)."""
 
     @torch.library.register_fake("sgan::loss_sums")
-    def _loss_sums_fake(logits, target, formulation):
+    def _loss_sums_fake(logits, target, formulation, check_targets=True):
         # Shape, dtype and device checks (the C++ op checks values too); ValueError/TypeError as in sgan.losses.
         torch._check_value(logits.dim() == 2, lambda: f"logits must be 2-D [batch, C], got {logits.dim()}-D")
         torch._check_value(target.dim() == 1, lambda: f"target must be 1-D, got {target.dim()}-D")

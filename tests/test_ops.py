@@ -263,9 +263,10 @@ def test_autograd_is_in_cpp(backend):
 
 @fused_backends
 @pytest.mark.parametrize("formulation", FORMULATIONS)
-def test_opcheck(backend, formulation):
+@pytest.mark.parametrize("check_targets", [True, False])
+def test_opcheck(backend, formulation, check_targets):
     logits, target = make_inputs(13, 5, formulation, device=DEVICE[backend])
-    torch.library.opcheck(torch.ops.sgan.loss_sums.default, (logits.requires_grad_(), target, formulation))
+    torch.library.opcheck(torch.ops.sgan.loss_sums.default, (logits.requires_grad_(), target, formulation, check_targets))
     with torch.no_grad():
         sums, row_lse = torch.ops.sgan.loss_sums(logits, target, formulation)
     torch.testing.assert_close(row_lse, torch.logsumexp(logits[:, : losses.num_classes_from_logits(formulation, logits.shape[1])], 1))
@@ -284,12 +285,12 @@ def test_double_backward_raises(backend):
 
 
 @fused_backends
-@pytest.mark.parametrize("formulation", ["two-head", "k-logit"])
-def test_torch_compile_fullgraph(backend, formulation):
+@pytest.mark.parametrize("formulation,check_targets", [("two-head", True), ("k-logit", True), ("k-plus-one", False)])
+def test_torch_compile_fullgraph(backend, formulation, check_targets):
     torch._dynamo.reset()
 
-    def step(x, t):
-        return ops.discriminator_loss_sums(x, t, formulation)  # backend "auto": resolved while tracing
+    def step(x, t):  # backend "auto": resolved while tracing
+        return ops.discriminator_loss_sums(x, t, formulation, check_targets=check_targets)
 
     compiled = torch.compile(step, fullgraph=True)
     for batch in (40, 41):  # the second shape exercises the fake kernel with a dynamic batch
@@ -371,6 +372,46 @@ def test_bad_input_raises(backend, make, error, match):
     logits, target = make(DEVICE[backend])
     with pytest.raises(error, match=match):
         ops.discriminator_loss_sums(logits, target, "two-head", backend=backend)
+
+
+@fused_backends
+@pytest.mark.parametrize("formulation", FORMULATIONS)
+def test_unchecked_targets(backend, formulation):
+    """check_targets=False: valid targets give the same result; out-of-range ones, even far out, are never
+    used as an index (a read of x[t] would crash) and make the sums NaN, and their own gradient rows."""
+    logits, target = make_inputs(9000, 4, formulation, device=DEVICE[backend])  # several CPU blocks and threads
+    unchecked = lambda x, t, f: ops.discriminator_loss_sums(x, t, f, backend=backend, check_targets=False)  # noqa: E731
+    checked = lambda x, t, f: ops.discriminator_loss_sums(x, t, f, backend=backend)  # noqa: E731
+    for ours, ref in zip(value_and_grad(unchecked, logits, target, formulation), value_and_grad(checked, logits, target, formulation)):
+        assert torch.equal(ours, ref)
+
+    bad_rows = torch.tensor([3, 4000, 8999])
+    target[bad_rows] = torch.tensor([4, -3, 2**40], device=target.device)  # K, -3 and far beyond the logits
+    target[5] = -(2**40)
+    bad = torch.zeros(9000, dtype=torch.bool, device=target.device)
+    bad[bad_rows], bad[5] = True, True
+    with pytest.raises(ValueError, match=r"target values must lie in \[-2, 3\]"):
+        checked(logits, target, formulation)
+    sums, grad = value_and_grad(unchecked, logits, target, formulation)
+    assert torch.isnan(sums).all()
+    assert torch.isnan(grad[bad]).all()
+    # the other rows' gradients do not depend on the bad rows (the sums add up over rows)
+    _, ref_grad = value_and_grad(losses.discriminator_loss_sums, logits[~bad], target[~bad], formulation)
+    torch.testing.assert_close(grad[~bad], ref_grad)
+
+
+@needs_cuda
+def test_cuda_forward_without_target_check_does_not_sync():
+    """The checked CUDA forward copies 16 bytes to the host; with check_targets=False it never waits."""
+    logits, target = make_inputs(64, 10, "two-head", device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.discriminator_loss_sums(logits, target, "two-head", backend="cuda", check_targets=False)
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            ops.discriminator_loss_sums(logits, target, "two-head", backend="cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 @fused_backends

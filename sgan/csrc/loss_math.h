@@ -84,6 +84,10 @@ struct RowLoss {
   A ce, real, gen;
 };
 
+// Whether t is a class (0..K-1), kUnlabeled or kGenerated. Kernels never read x[t] for other values: the
+// forward reports them (or gives NaN sums when the caller skipped the check), the backward gives NaN.
+SGAN_HD bool valid_target(int64_t t, int64_t k) { return t >= kGenerated && t < k; }
+
 // Column of x to read as x[t]: t itself for a labeled row, any valid column (0) otherwise, so the read is
 // unconditional (no branch on the random targets) and in bounds.
 SGAN_HD int64_t target_column(int64_t t) { return t >= 0 ? t : 0; }

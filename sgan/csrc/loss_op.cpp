@@ -1,11 +1,13 @@
 // The fused discriminator loss: op schemas, autograd and the module init. The kernels are in cpu/ and
 // cuda/; the per-row math they share is in loss_math.h, their input checks and dispatch in loss_checks.h.
 //
-//   sgan::loss_sums(logits[B, C], target[B], formulation) -> (sums[3], row_lse[B])
+//   sgan::loss_sums(logits[B, C], target[B], formulation, check_targets=True) -> (sums[3], row_lse[B])
 //   sgan::loss_sums_backward(grad_sums[3], logits, target, row_lse, formulation) -> grad_logits[B, C]
 //
 // row_lse (m of every row, float32 or float64) is saved by the forward so the backward recomputes each
-// gradient row from it in one pass. The Python wrapper and the fake (meta) kernels are in sgan/ops.py.
+// gradient row from it in one pass. check_targets=False skips the forward's check of the target values
+// (on CUDA a copy to the host, which waits for the GPU): an out-of-range target then makes the sums NaN, and
+// its gradient row. The Python wrapper and the fake (meta) kernels are in sgan/ops.py.
 #include <Python.h>
 
 #include <ATen/core/Tensor.h>
@@ -28,12 +30,12 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 std::tuple<at::Tensor, at::Tensor> call_loss_sums(const at::Tensor& logits, const at::Tensor& target,
-                                                  c10::string_view formulation) {
+                                                  c10::string_view formulation, bool check_targets) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("sgan::loss_sums", "")
                              .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                       c10::string_view)>();
-  return op.call(logits, target, formulation);
+                                                                       c10::string_view, bool)>();
+  return op.call(logits, target, formulation, check_targets);
 }
 
 at::Tensor call_loss_sums_backward(const at::Tensor& grad_sums, const at::Tensor& logits, const at::Tensor& target,
@@ -59,9 +61,9 @@ struct LossSumsBackwardFunction : torch::autograd::Function<LossSumsBackwardFunc
 
 struct LossSumsFunction : torch::autograd::Function<LossSumsFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target,
-                               c10::string_view formulation) {
+                               c10::string_view formulation, bool check_targets) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [sums, row_lse] = call_loss_sums(logits, target, formulation);
+    auto [sums, row_lse] = call_loss_sums(logits, target, formulation, check_targets);
     ctx->save_for_backward({logits, target, row_lse});
     ctx->saved_data["formulation"] = std::string(formulation);
     ctx->mark_non_differentiable({row_lse});  // an internal statistic the wrappers never return
@@ -74,13 +76,13 @@ struct LossSumsFunction : torch::autograd::Function<LossSumsFunction> {
       grad = LossSumsBackwardFunction::apply(grad_outputs[0], saved[0], saved[1], saved[2],
                                              ctx->saved_data["formulation"].toStringRef());
     }
-    return {grad, at::Tensor(), at::Tensor()};
+    return {grad, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 std::tuple<at::Tensor, at::Tensor> loss_sums_autograd(const at::Tensor& logits, const at::Tensor& target,
-                                                      c10::string_view formulation) {
-  const variable_list out = LossSumsFunction::apply(logits, target, formulation);
+                                                      c10::string_view formulation, bool check_targets) {
+  const variable_list out = LossSumsFunction::apply(logits, target, formulation, check_targets);
   return {out[0], out[1]};
 }
 
@@ -93,7 +95,7 @@ at::Tensor loss_sums_backward_autograd(const at::Tensor& grad_sums, const at::Te
 }  // namespace
 
 TORCH_LIBRARY(sgan, m) {
-  m.def("loss_sums(Tensor logits, Tensor target, str formulation) -> (Tensor, Tensor)");
+  m.def("loss_sums(Tensor logits, Tensor target, str formulation, bool check_targets=True) -> (Tensor, Tensor)");
   m.def("loss_sums_backward(Tensor grad_sums, Tensor logits, Tensor target, Tensor row_lse, str formulation) -> Tensor");
   m.def("_vector_math(Tensor x, str fn) -> Tensor");  // tests only: the CPU kernels' exp and log
 }

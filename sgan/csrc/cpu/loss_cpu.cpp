@@ -53,7 +53,7 @@ struct Scratch {
 };
 
 // Loss sums of the n rows of x (c logits each, k classes) into partial[3], their logsumexps into lse; true
-// if a target is out of range (reported by the caller).
+// if a target is out of range (the caller reports it, or gives NaN sums).
 template <Formulation F, class T, class A>
 SGAN_CPU_CLONES bool loss_sums_block(const T* x, const int64_t* tgt, int64_t n, int64_t c, int64_t k, Scratch<A>& s,
                                      A* lse, double* partial) {
@@ -84,7 +84,7 @@ SGAN_CPU_CLONES bool loss_sums_block(const T* x, const int64_t* tgt, int64_t n, 
   bool bad = false;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t t = tgt[i];
-    if (t < kGenerated || t >= k) {  // reported after the loop; never read x[t] out of bounds
+    if (!valid_target(t, k)) {  // never read x[t] out of bounds
       bad = true;
       continue;
     }
@@ -116,19 +116,24 @@ SGAN_CPU_CLONES void loss_sums_backward_block(const T* x, const int64_t* tgt, co
   exp_block(s.e.data(), n);           // exp(-|r|) for the sigmoids
   for (int64_t i = 0; i < n; ++i) {
     const int64_t t = tgt[i];
+    T* gr = out + i * c;
+    if (!valid_target(t, k)) {  // only after a forward with check_targets=False, whose sums are NaN too
+      std::fill(gr, gr + c, T(NAN));
+      continue;
+    }
     const RowGrad<A> d = row_grad<F>(s.r[i], t, g_ce, g_real, g_gen, s.e[i]);
     const A* p = s.logits.data() + i * k;
-    T* gr = out + i * c;
 #pragma omp simd
     for (int64_t j = 0; j < k; ++j) gr[j] = T(d.on_p * p[j]);
-    const int64_t column = t < k ? target_column(t) : 0;  // (backward trusts the forward's target check)
+    const int64_t column = target_column(t);
     gr[column] = T(d.on_p * p[column] - d.on_target);
     if (F != Formulation::KLogit) gr[k] = T(d.on_last);
   }
 }
 
 template <Formulation F, class T>
-void loss_sums_kernel(FormulationTag<F>, const LossView<T>& in, at::Tensor& sums, at::Tensor& row_lse) {
+void loss_sums_kernel(FormulationTag<F>, const LossView<T>& in, bool check_targets, at::Tensor& sums,
+                      at::Tensor& row_lse) {
   using A = at::opmath_type<T>;
   A* lse = row_lse.mutable_data_ptr<A>();
   // Fixed blocks of rows whose partial sums are added in block order: the result does not depend on the
@@ -148,11 +153,12 @@ void loss_sums_kernel(FormulationTag<F>, const LossView<T>& in, at::Tensor& sums
     }
   });
 
-  for (int64_t block = 0; block < blocks; ++block) {
-    if (!block_bad[block]) continue;
-    for (int64_t row = block * block_rows;; ++row) {  // this block holds a bad target: find it
-      const int64_t t = in.target[row];
-      TORCH_CHECK_VALUE(t >= kGenerated && t < in.k, bad_target_message(in.k, t));
+  // A bad target: report the first one, or, with check_targets off, give NaN sums.
+  const auto first_bad = std::find(block_bad.begin(), block_bad.end(), 1);
+  const bool any_bad = first_bad != block_bad.end();
+  if (any_bad && check_targets) {
+    for (int64_t row = (first_bad - block_bad.begin()) * block_rows;; ++row) {  // the block holds one: find it
+      TORCH_CHECK_VALUE(valid_target(in.target[row], in.k), bad_target_message(in.k, in.target[row]));
     }
   }
   double total[3] = {0, 0, 0};
@@ -160,7 +166,7 @@ void loss_sums_kernel(FormulationTag<F>, const LossView<T>& in, at::Tensor& sums
     for (int i = 0; i < 3; ++i) total[i] += partial[3 * block + i];
   }
   A* out = sums.mutable_data_ptr<A>();
-  for (int i = 0; i < 3; ++i) out[i] = A(total[i]);
+  for (int i = 0; i < 3; ++i) out[i] = any_bad ? A(NAN) : A(total[i]);
 }
 
 template <Formulation F, class T>
@@ -183,12 +189,12 @@ void loss_sums_backward_kernel(FormulationTag<F>, const LossView<T>& in, const a
 }
 
 std::tuple<at::Tensor, at::Tensor> loss_sums_cpu(const at::Tensor& logits, const at::Tensor& target,
-                                                 c10::string_view formulation) {
+                                                 c10::string_view formulation, bool check_targets) {
   const LossInputs in = prepare_loss_inputs(logits, target, formulation, at::kCPU);
   at::Tensor sums = at::empty({3}, in.acc_options());
   at::Tensor row_lse = empty_huge({in.logits.size(0)}, in.acc_options());
   dispatch_loss(in, [&](auto form, const auto& view) {
-    loss_sums_kernel(form, view, sums, row_lse);
+    loss_sums_kernel(form, view, check_targets, sums, row_lse);
   });
   return {sums, row_lse};
 }

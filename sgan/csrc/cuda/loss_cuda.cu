@@ -60,7 +60,7 @@ __global__ void loss_sums_kernel(const T* __restrict__ x, const int64_t* __restr
       const A m = lse_finish(sum_exp, shift);
       row_lse[row] = m;
       const int64_t t = target[row];
-      if (t < kGenerated || t >= k) {  // never read x[t] out of bounds; the host reports it
+      if (!valid_target(t, k)) {  // never read x[t] out of bounds; the host reports it, or the sums are NaN
         bad[0] = 1;
         bad[1] = t;
       } else {
@@ -86,14 +86,15 @@ __global__ void loss_sums_kernel(const T* __restrict__ x, const int64_t* __restr
   }
 }
 
-// One warp adds the per-block partials.
+// One warp adds the per-block partials; a bad target makes the sums NaN (when the host does not check).
 template <class A>
-__global__ void finalize_kernel(const double* __restrict__ partial, int blocks, A* __restrict__ sums) {
+__global__ void finalize_kernel(const double* __restrict__ partial, int blocks, const int64_t* __restrict__ bad,
+                                A* __restrict__ sums) {
   for (int i = 0; i < 3; ++i) {
     double s = 0;
     for (int b = threadIdx.x; b < blocks; b += kWarp) s += partial[3 * b + i];
     s = warp_sum(s);
-    if (threadIdx.x == 0) sums[i] = A(s);
+    if (threadIdx.x == 0) sums[i] = bad[0] ? A(NAN) : A(s);
   }
 }
 
@@ -111,7 +112,8 @@ __global__ void loss_sums_backward_kernel(const A* __restrict__ grad_sums, const
     const A m = row_lse[row];
     const A r = real_logit<F>(m, F == Formulation::KLogit ? A(0) : A(x[row * c + k]));
     const RowGrad<A> d = row_grad<F>(r, t, g_ce, g_real, g_gen, exp_(-abs_(r)));
-    grad[i] = j < k ? T(d.on_p * exp_(A(x[i]) - m) - (j == t ? d.on_target : A(0))) : T(d.on_last);
+    const A g = j < k ? d.on_p * exp_(A(x[i]) - m) - (j == t ? d.on_target : A(0)) : d.on_last;
+    grad[i] = T(valid_target(t, k) ? g : A(NAN));  // NaN after a forward with check_targets=False, as its sums
   }
 }
 
@@ -130,7 +132,8 @@ void launch_loss_sums(FormulationTag<F>, const LossView<T>& in, at::Tensor& sums
       in.x, in.target, in.rows, in.c, in.k, row_lse.mutable_data_ptr<A>(), partial.mutable_data_ptr<double>(),
       bad.mutable_data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  finalize_kernel<A><<<1, kWarp, 0, stream>>>(partial.const_data_ptr<double>(), blocks, sums.mutable_data_ptr<A>());
+  finalize_kernel<A><<<1, kWarp, 0, stream>>>(partial.const_data_ptr<double>(), blocks, bad.const_data_ptr<int64_t>(),
+                                              sums.mutable_data_ptr<A>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -148,7 +151,7 @@ void launch_loss_sums_backward(FormulationTag<F>, const LossView<T>& in, const a
 }
 
 std::tuple<at::Tensor, at::Tensor> loss_sums_cuda(const at::Tensor& logits, const at::Tensor& target,
-                                                  c10::string_view formulation) {
+                                                  c10::string_view formulation, bool check_targets) {
   const LossInputs in = prepare_loss_inputs(logits, target, formulation, at::kCUDA);
   const c10::cuda::CUDAGuard guard(in.logits.device());
   at::Tensor sums = at::empty({3}, in.acc_options());
@@ -158,10 +161,11 @@ std::tuple<at::Tensor, at::Tensor> loss_sums_cuda(const at::Tensor& logits, cons
   dispatch_loss(in, [&](auto form, const auto& view) {
     launch_loss_sums(form, view, sums, row_lse, partial, bad);
   });
-  // Like the reference, check target values (one 16-byte copy, which waits for the kernels).
-  const at::Tensor bad_host = bad.cpu();
-  const int64_t* found = bad_host.const_data_ptr<int64_t>();
-  TORCH_CHECK_VALUE(found[0] == 0, bad_target_message(in.k, found[1]));
+  if (check_targets) {  // like the reference; one 16-byte copy, which waits for the kernels
+    const at::Tensor bad_host = bad.cpu();
+    const int64_t* found = bad_host.const_data_ptr<int64_t>();
+    TORCH_CHECK_VALUE(found[0] == 0, bad_target_message(in.k, found[1]));
+  }
   return {sums, row_lse};
 }
 
