@@ -1,7 +1,10 @@
 """Build and install sgan.
 
 The fused loss op in sgan/csrc/ is built here as the extension ``sgan._C`` when torch is importable at build
-time (``pip install --no-build-isolation -e .``, which ``make setup`` runs). See docs/fused-op.md.
+time: pyproject.toml lists torch as a build requirement, and ``pip install --no-build-isolation -e .`` (what
+``make setup`` runs) builds against the torch already installed. SGAN_NO_EXTENSION=1 skips it. The sources
+ship inside the package either way, so an install without sgan._C JIT-builds the op on first use. See
+docs/fused-op.md.
 """
 import os
 import sys
@@ -12,7 +15,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def extension_modules():
-    """The compiled loss op, or nothing when torch is not importable (the op then JIT-builds on first use)."""
+    """The compiled loss op, or nothing when SGAN_NO_EXTENSION=1 or torch is not importable (the op then
+    JIT-builds on first use)."""
+    if os.environ.get("SGAN_NO_EXTENSION") == "1":
+        print("sgan: SGAN_NO_EXTENSION=1: not building the fused loss op; it will JIT-build on first use")
+        return [], {}
     try:
         from sgan._build import setuptools_extensions
     except ImportError as error:  # torch missing in an isolated build environment
@@ -31,6 +38,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["sgan", "sgan.*"]),
+    # the op's C++/CUDA sources, for the JIT build of an install without sgan._C (sgan._build.jit_load)
+    package_data={"sgan": ["csrc/*.h", "csrc/*.cpp", "csrc/*/*.h", "csrc/*/*.cpp", "csrc/*/*.cu"]},
     install_requires=[
         "torch==2.14.1",
         "torchvision==0.29.1",

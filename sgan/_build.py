@@ -134,7 +134,7 @@ def setuptools_extensions():
 def jit_load(verbose: bool = False) -> str:
     """Compile sgan/csrc/ with ninja (cached) and load it, which registers torch.ops.sgan. Returns the library path."""
     if not (CSRC / CPU_SOURCES[0]).is_file():
-        raise RuntimeError(f"no C++ sources at {CSRC}: the JIT build needs a source checkout (pip install -e .)")
+        raise RuntimeError(f"no C++ sources at {CSRC}: they ship inside the package; reinstall sgan")
     cuda = cuda_requested()
     cpp_extension = _cpp_extension(cuda)
     sources = [str(CSRC / s) for s in CPU_SOURCES + (CUDA_SOURCES if cuda else [])]
