@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     speed = commands.add_parser("throughput", help="steps/s per recipe and loss backend")
-    speed.add_argument("--recipes", type=comma_list, default=["seed", "salimans", "supervised"])
+    speed.add_argument("--recipes", type=comma_list, default=["odena", "salimans", "supervised"])
     speed.add_argument("--backends", type=comma_list, default=["cpp", "torch"])
     speed.add_argument("--steps", type=int, default=120, help="timed steps (after the warm-up)")
     speed.add_argument("--warmup-steps", type=int, default=20)

@@ -25,17 +25,19 @@ def permutation(n: int, *seed_parts) -> torch.Tensor:
 class IndexStream:
     """An endless stream of dataset indices: one shuffled pass after another (pass p shuffled by (seed, name, p)).
 
-    `take(start, count)` returns stream positions start .. start + count - 1."""
+    `take(start, count)` returns stream positions start .. start + count - 1, on `device`. A pass is drawn on
+    the CPU (the same on every device) and copied to the device once: the batches of a pass are slices of it,
+    so drawing them never waits for the device."""
 
-    def __init__(self, size: int, seed: int, name: str):
+    def __init__(self, size: int, seed: int, name: str, device: torch.device | str = "cpu"):
         if size < 1:
             raise ValueError(f"{name}: cannot draw batches from an empty set")
-        self.size, self.seed, self.name = size, seed, name
+        self.size, self.seed, self.name, self.device = size, seed, name, torch.device(device)
         self._cached: tuple[int, torch.Tensor] | None = None
 
     def _pass(self, p: int) -> torch.Tensor:
         if self._cached is None or self._cached[0] != p:
-            self._cached = (p, permutation(self.size, self.seed, self.name, p))
+            self._cached = (p, permutation(self.size, self.seed, self.name, p).to(self.device))
         return self._cached[1]
 
     def take(self, start: int, count: int) -> torch.Tensor:
@@ -46,14 +48,15 @@ class IndexStream:
             pieces.append(piece)
             start += len(piece)
             count -= len(piece)
-        return torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.long)
+        return torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.long, device=self.device)
 
 
 class StepBatches:
     """Per-step index batches for one process: `batch_size` per process, `world_size` processes."""
 
-    def __init__(self, size: int, batch_size: int, seed: int, name: str, rank: int = 0, world_size: int = 1):
-        self.stream = IndexStream(size, seed, name)
+    def __init__(self, size: int, batch_size: int, seed: int, name: str, rank: int = 0, world_size: int = 1,
+                 device: torch.device | str = "cpu"):
+        self.stream = IndexStream(size, seed, name, device)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
 
     def indices(self, step: int) -> torch.Tensor:

@@ -15,20 +15,14 @@ import shutil
 from pathlib import Path
 
 STATE_FILE = "trainer_state.json"
-# Settings a resumed run must share with the run that wrote the checkpoint.
-FINGERPRINT_KEYS = (
-    "dataset", "recipe", "formulation", "num_labels", "seed", "batch_size", "lr", "beta1", "adam_eps",
-    "unlabeled_weight", "real_rows", "latent_dim", "g_width", "d_width", "dropout", "d_batchnorm",
-    "freeze_bn_on_fakes", "lr_decay", "lr_decay_start", "ema_decay", "networks", "g_output", "g_clip_norm",
-)
-
-
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt or from a different run; the message says which and what to do."""
 
 
 def fingerprint(config, world_size: int, labeled_indices) -> dict:
-    values = {key: getattr(config, key) for key in FINGERPRINT_KEYS}
+    """What a checkpoint must share with the run that resumes it: the config fields marked resume="match"
+    (sgan/config.py), the process count and the labeled subset."""
+    values = {key: getattr(config, key) for key in config.fields_to_match_on_resume()}
     values["world_size"] = world_size
     values["labeled_sha256"] = hashlib.sha256(json.dumps([int(i) for i in labeled_indices]).encode()).hexdigest()
     return values

@@ -12,102 +12,111 @@ from pathlib import Path
 
 import yaml
 
-from .data import DATASETS, parse_num_labels
+from .data import DATASETS, check_label_budget, parse_num_labels
 from .losses import FORMULATIONS
+from .models import NetworkSpec
+from .ops import BACKENDS
 
-RECIPES = ("seed", "supervised", "salimans")
+RECIPES = ("odena", "supervised", "salimans")
+RENAMED = {("recipe", "seed"): "odena", ("networks", "seed"): "odena"}  # (field, old value) -> new value
 # Defaults a recipe brings (below a --config file and command-line flags). salimans: Salimans et al. (2016),
 # MNIST: Adam 0.003 / 0.5, batch 100, a constant lr (as the paper's code), EMA of D for evaluation. Its
 # unsupervised loss is 0.5 * (real + fake) in the paper's code with unlabeled weight 1, which is
 # --unlabeled-weight 0.5 here; its real term covers the unlabeled batch only (--real-rows unlabeled).
 # The paper's Adam adds 1e-8 to the second moment inside the square root, which damps steps about as much
 # as eps 1e-4 outside it (PyTorch's form) for the ~5e-5 gradients of D's weights.
-# G's gradient is clipped (not in the paper): see README, "Salimans recipe".
+# G's gradient is clipped (not in the paper): see RESULTS.md.
 RECIPE_DEFAULTS = {
     "salimans": {"formulation": "k-logit", "lr": 0.003, "beta1": 0.5, "adam_eps": 1e-4, "batch_size": 100,
                  "unlabeled_weight": 0.5, "real_rows": "unlabeled", "lr_decay": "none", "ema_decay": 0.999,
                  "g_clip_norm": 10.0},
 }
+SALIMANS_CONV_WIDTHS = {"svhn": (64, 128)}  # the paper's narrower SVHN D; other 32x32 datasets: (96, 192)
 TRACKERS = ("wandb", "tensorboard", "none")
-LOSS_BACKENDS = ("auto", "cpp", "cuda", "torch")
+ON_RESUME = ("match", "free")  # a resumed run must keep the field's value, or may change it
+
+
+def option(default, help: str, *, resume: str, choices: tuple | None = None):
+    """A TrainConfig field: its default, its --help, and whether a resumed run must keep its value."""
+    assert resume in ON_RESUME, resume
+    metadata = {"help": help, "resume": resume, **({"choices": choices} if choices else {})}
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class TrainConfig:
-    dataset: str = field(default="mnist", metadata={"help": "dataset", "choices": sorted(DATASETS)})
-    recipe: str = field(default="seed", metadata={
-        "help": "seed: the semi-supervised conv GAN; supervised: the same D trained on the labeled images only "
-                "(baseline); salimans: Salimans et al. (2016), MLP D with weight norm and noise, feature matching",
-        "choices": RECIPES})
-    formulation: str = field(default="k-logit", metadata={
-        "help": "D's loss: two-head (K-class softmax + real/fake sigmoid), k-plus-one (softmax over K+1, fake = K), "
-                "k-logit (K logits, D = Z/(Z+1))", "choices": FORMULATIONS})
-    num_labels: str = field(default="100", metadata={
-        "help": "labeled training images, balanced over the classes (a multiple of K), or 'all'"})
-    epochs: int = field(default=1, metadata={"help": "passes over the (unlabeled) training set"})
-    max_steps: int | None = field(default=None, metadata={"help": "stop after this many steps (overrides --epochs)"})
-    batch_size: int = field(default=100, metadata={
-        "help": "images per batch and process: each step D sees this many unlabeled, labeled and generated images"})
-    lr: float = field(default=2e-4, metadata={"help": "Adam learning rate for D and G"})
-    beta1: float = field(default=0.5, metadata={"help": "Adam beta1"})
-    adam_eps: float = field(default=1e-8, metadata={
-        "help": "Adam epsilon, added to sqrt(second moment). Larger values shrink the steps of parameters whose "
-                "gradients are smaller than it"})
-    lr_decay: str = field(default="none", metadata={
-        "help": "learning-rate schedule: none, or linear (to 0 at the end of --epochs; --max-steps does not change it)", "choices": ("none", "linear")})
-    lr_decay_start: float = field(default=0.0, metadata={
-        "help": "with --lr-decay linear: the fraction of --epochs run at the full lr before the decay starts "
-                "(0: from the first step; the paper's CIFAR-10 code holds for 2/3)"})
-    ema_decay: float = field(default=0.0, metadata={
-        "help": "exponential moving average of D's weights, used for evaluation (0: off; salimans: 0.999)"})
-    networks: str = field(default="auto", metadata={
-        "help": "the D and G architectures: seed (conv, DCGAN-style) or salimans (Salimans et al.: MLPs for 28x28 "
-                "grey images, convs for 32x32 RGB); auto: salimans for --recipe salimans, else seed. "
-                "--recipe supervised --networks salimans is the supervised baseline of the salimans recipe",
-        "choices": ("auto", "seed", "salimans")})
-    g_output: str = field(default="softplus", metadata={
-        "help": "output layer of the salimans 28x28 G: softplus (default, learns faster here) or sigmoid (the paper's)",
-        "choices": ("softplus", "sigmoid")})
-    unlabeled_weight: float = field(default=1.0, metadata={"help": "weight of the real/fake (unsupervised) D loss"})
-    real_rows: str = field(default="all", metadata={
-        "help": "real images in D's real term: all (labeled and unlabeled) or unlabeled (the paper's code; the "
-                "labeled ones then only enter the cross-entropy)", "choices": ("all", "unlabeled")})
-    g_clip_norm: float = field(default=0.0, metadata={
-        "help": "clip G's gradient to this norm (0: off). One huge G gradient fills Adam's second moment and "
-                "stalls G for thousands of steps"})
-    seed: int = field(default=0, metadata={"help": "seed for the labeled subset, initialisation and batches"})
-    output_dir: str = field(default="runs/default", metadata={"help": "where the run writes its files"})
-    data_root: str | None = field(default=None, metadata={"help": "data root (default: $SGAN_DATA_ROOT or ./data)"})
-    tracker: str = field(default="wandb", metadata={
-        "help": "experiment tracker (wandb runs offline, under the output dir, when no API key is set)",
-        "choices": TRACKERS})
-    loss_backend: str = field(default="auto", metadata={
-        "help": "D-loss implementation: auto (fused op when available), cpp, cuda or torch "
-                "(default from $SGAN_LOSS_BACKEND)", "choices": LOSS_BACKENDS})
-    cpu: bool = field(default=False, metadata={"help": "train on the CPU even when a GPU is visible"})
-    latent_dim: int = field(default=100, metadata={"help": "size of G's input noise"})
-    g_width: int = field(default=32, metadata={"help": "G's base channel count"})
-    d_width: int = field(default=32, metadata={"help": "D's base channel count"})
-    dropout: float = field(default=0.5, metadata={"help": "dropout before D's last linear"})
-    freeze_bn_on_fakes: bool = field(default=True, metadata={
-        "help": "keep generated batches out of D's BatchNorm running statistics (used at test time)"})
-    d_batchnorm: bool = field(default=True, metadata={
-        "help": "BatchNorm in D (false makes D's output independent of how a batch is split: tests, ablations)"})
-    mixed_precision: str = field(default="no", metadata={
-        "help": "autocast through accelerate; the loss still accumulates in float32", "choices": ("no", "bf16", "fp16")})
-    sync_bn: bool = field(default=False, metadata={"help": "SyncBatchNorm across GPUs (CUDA only)"})
-    checkpoint_every: int = field(default=500, metadata={
-        "help": "steps between checkpoints (0: only at the end); a run also checkpoints on SIGTERM/SIGINT"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "how many of the newest checkpoints to keep"})
-    resume: str | None = field(default=None, metadata={
-        "help": "continue from 'latest' (the newest checkpoint under --output-dir) or a checkpoint folder"})
-    ddp_timeout: int = field(default=600, metadata={
-        "help": "seconds a process waits for the others in a collective before the job fails"})
-    eval_batch_size: int = field(default=1000, metadata={"help": "batch size for test-set evaluation"})
-    log_every: int = field(default=50, metadata={"help": "steps between tracker log entries"})
+    dataset: str = option("mnist", "dataset", resume="match", choices=tuple(sorted(DATASETS)))
+    recipe: str = option("odena", "odena: the semi-supervised conv GAN of Odena (2016); supervised: the same D "
+                         "trained on the labeled images only (baseline); salimans: Salimans et al. (2016), MLP D "
+                         "with weight norm and noise, feature matching", resume="match", choices=RECIPES)
+    formulation: str = option("k-logit", "D's loss: two-head (K-class softmax + real/fake sigmoid), k-plus-one "
+                              "(softmax over K+1, fake = K), k-logit (K logits, D = Z/(Z+1))", resume="match",
+                              choices=FORMULATIONS)
+    num_labels: str = option("100", "labeled training images, balanced over the classes (a multiple of K), or 'all'",
+                             resume="match")
+    epochs: int = option(1, "passes over the (unlabeled) training set", resume="free")
+    max_steps: int | None = option(None, "stop after this many steps (overrides --epochs)", resume="free")
+    batch_size: int = option(100, "images per batch and process: each step D sees this many unlabeled, labeled "
+                             "and generated images", resume="match")
+    lr: float = option(2e-4, "Adam learning rate for D and G", resume="match")
+    beta1: float = option(0.5, "Adam beta1", resume="match")
+    adam_eps: float = option(1e-8, "Adam epsilon, added to sqrt(second moment). Larger values shrink the steps of "
+                             "parameters whose gradients are smaller than it", resume="match")
+    lr_decay: str = option("none", "learning-rate schedule: none, or linear (to 0 at the end of --epochs; "
+                           "--max-steps does not change it)", resume="match", choices=("none", "linear"))
+    lr_decay_start: float = option(0.0, "with --lr-decay linear: the fraction of --epochs run at the full lr "
+                                   "before the decay starts (0: from the first step; the paper's CIFAR-10 code "
+                                   "holds for 2/3)", resume="match")
+    ema_decay: float = option(0.0, "exponential moving average of D's weights, used for evaluation (0: off; "
+                              "salimans: 0.999)", resume="match")
+    networks: str = option("auto", "the D and G architectures: odena (conv, DCGAN-style) or salimans (Salimans "
+                           "et al.: MLPs for 28x28 grey images, convs for 32x32 RGB); auto: salimans for --recipe "
+                           "salimans, else odena. --recipe supervised --networks salimans is the supervised "
+                           "baseline of the salimans recipe", resume="match", choices=("auto", "odena", "salimans"))
+    g_output: str = option("softplus", "output layer of the salimans 28x28 G: softplus (default, learns faster "
+                           "here) or sigmoid (the paper's)", resume="match", choices=("softplus", "sigmoid"))
+    unlabeled_weight: float = option(1.0, "weight of the real/fake (unsupervised) D loss", resume="match")
+    real_rows: str = option("all", "real images in D's real term: all (labeled and unlabeled) or unlabeled (the "
+                            "paper's code; the labeled ones then only enter the cross-entropy)", resume="match",
+                            choices=("all", "unlabeled"))
+    g_clip_norm: float = option(0.0, "clip G's gradient to this norm (0: off). One huge G gradient fills Adam's "
+                                "second moment and stalls G for thousands of steps", resume="match")
+    seed: int = option(0, "seed for the labeled subset, initialisation and batches", resume="match")
+    output_dir: str = option("runs/default", "where the run writes its files", resume="free")
+    data_root: str | None = option(None, "data root (default: $SGAN_DATA_ROOT or ./data)", resume="free")
+    tracker: str = option("wandb", "experiment tracker (wandb runs offline, under the output dir, when no API key "
+                          "is set)", resume="free", choices=TRACKERS)
+    loss_backend: str = option("auto", "D-loss implementation: auto (fused op when available), cpp, cuda or torch "
+                               "(default from $SGAN_LOSS_BACKEND)", resume="free", choices=BACKENDS)
+    cpu: bool = option(False, "train on the CPU even when a GPU is visible", resume="free")
+    latent_dim: int = option(100, "size of G's input noise", resume="match")
+    g_width: int = option(32, "G's base channel count", resume="match")
+    d_width: int = option(32, "D's base channel count", resume="match")
+    dropout: float = option(0.5, "dropout before D's last linear", resume="match")
+    freeze_bn_on_fakes: bool = option(True, "keep generated batches out of D's BatchNorm running statistics (used "
+                                      "at test time)", resume="match")
+    d_batchnorm: bool = option(True, "BatchNorm in D (false makes D's output independent of how a batch is split: "
+                               "tests, ablations)", resume="match")
+    mixed_precision: str = option("no", "autocast through accelerate; the loss still accumulates in float32",
+                                  resume="free", choices=("no", "bf16", "fp16"))
+    sync_bn: bool = option(False, "SyncBatchNorm across GPUs (CUDA only)", resume="free")
+    checkpoint_every: int = option(500, "steps between checkpoints (0: only at the end); a run also checkpoints on "
+                                   "SIGTERM/SIGINT", resume="free")
+    keep_checkpoints: int = option(2, "how many of the newest checkpoints to keep", resume="free")
+    resume: str | None = option(None, "continue from 'latest' (the newest checkpoint under --output-dir) or a "
+                                "checkpoint folder", resume="free")
+    ddp_timeout: int = option(600, "seconds a process waits for the others in a collective before the job fails",
+                              resume="free")
+    eval_batch_size: int = option(1000, "batch size for test-set evaluation", resume="free")
+    log_every: int = option(50, "steps between reads of the losses: progress bar, tracker and the finiteness "
+                            "check", resume="free")
 
     def validate(self) -> None:
         """Raise ValueError with the flag to fix for values argparse cannot check."""
+        for (name, old), new in RENAMED.items():
+            if getattr(self, name) == old:
+                raise ValueError(f"{_flag(name)} {old} is now {_flag(name)} {new} (the paper's name; --seed is the "
+                                 "random seed)")
         num_labels = parse_num_labels(self.num_labels)
         for f in dataclasses.fields(self):  # argparse does not check choices of values from a --config file
             choices = f.metadata.get("choices")
@@ -132,19 +141,27 @@ class TrainConfig:
             (self.ddp_timeout >= 1, "--ddp-timeout must be >= 1"),
             (min(self.latent_dim, self.g_width, self.d_width) >= 1, "--latent-dim, --g-width, --d-width must be >= 1"),
         ]
-        k = DATASETS[self.dataset].num_classes
-        if num_labels is not None and num_labels % k:
-            checks.append((False, f"--num-labels {num_labels} is not divisible by the {k} classes: the labeled set is "
-                                  f"balanced, so choose a multiple of {k}"))
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        check_label_budget(num_labels, DATASETS[self.dataset].num_classes)
 
     def network_family(self) -> str:
-        """seed or salimans: --networks, or the recipe's own when it is auto."""
+        """odena or salimans: --networks, or the recipe's own when it is auto."""
         if self.networks != "auto":
             return self.networks
-        return "salimans" if self.recipe == "salimans" else "seed"
+        return "salimans" if self.recipe == "salimans" else "odena"
+
+    def network_spec(self, image_shape: tuple[int, int, int], num_classes: int) -> NetworkSpec:
+        """What models.py builds D and G from: the images, the classes and the network flags."""
+        return NetworkSpec(self.network_family(), tuple(image_shape), num_classes, self.formulation,
+                           latent_dim=self.latent_dim, d_width=self.d_width, g_width=self.g_width,
+                           dropout=self.dropout, d_batchnorm=self.d_batchnorm, g_output=self.g_output,
+                           salimans_conv_widths=SALIMANS_CONV_WIDTHS.get(self.dataset, (96, 192)))
+
+    @classmethod
+    def fields_to_match_on_resume(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["resume"] == "match")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -212,6 +229,11 @@ def load_yaml_config(path: str) -> dict:
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """Flags (and an optional YAML file) -> a validated TrainConfig. Exits with a usage message on errors."""
     parser = build_parser()
+    given = sys.argv[1:] if argv is None else argv
+    for (name, old), new in RENAMED.items():  # before argparse, which would only say "invalid choice"
+        if [_flag(name), old] in [given[i:i + 2] for i in range(len(given))] or f"{_flag(name)}={old}" in given:
+            parser.error(f"{_flag(name)} {old} is now {_flag(name)} {new} (the paper's name; --seed is the random "
+                         "seed)")
     args = parser.parse_args(argv)
     file_values = {}
     if args.config:
@@ -220,7 +242,6 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         except ValueError as error:
             parser.error(str(error))
     # the recipe as finally chosen (flag, else file, else default) brings its defaults, below file and flags
-    given = sys.argv[1:] if argv is None else argv
     recipe_flag = any(a == "--recipe" or a.startswith("--recipe=") for a in given)
     recipe = args.recipe if recipe_flag else file_values.get("recipe", args.recipe)
     parser.set_defaults(**RECIPE_DEFAULTS.get(recipe, {}))

@@ -543,6 +543,23 @@ def parse_num_labels(value: str | int) -> int | None:
     return n
 
 
+def check_label_budget(num_labels: int | None, num_classes: int, class_counts=None) -> None:
+    """The one check of a label budget: balanced over the classes (a multiple of K) and, given the images per
+    class, no more per class than the smallest class holds. None (every label) always passes."""
+    if num_labels is None:
+        return
+    if num_labels % num_classes:
+        raise ValueError(
+            f"--num-labels {num_labels} is not divisible by the {num_classes} classes: the labeled set is "
+            f"balanced, so choose a multiple of {num_classes} (e.g. {max(num_classes, num_labels // num_classes * num_classes)})"
+        )
+    if class_counts is not None and num_labels // num_classes > min(class_counts):
+        raise ValueError(
+            f"--num-labels {num_labels} needs {num_labels // num_classes} images per class but the smallest class has "
+            f"{min(class_counts)}: use at most {min(class_counts) * num_classes}, or 'all'"
+        )
+
+
 def select_labeled_indices(labels: torch.Tensor, num_labels: int | None, num_classes: int, seed: int) -> np.ndarray:
     """Indices of `num_labels` training images, num_labels / K from each class, chosen by `seed`. Sorted.
 
@@ -550,20 +567,10 @@ def select_labeled_indices(labels: torch.Tensor, num_labels: int | None, num_cla
     labels = np.asarray(labels)
     if num_labels is None:
         return np.arange(len(labels))
-    if num_labels % num_classes:
-        raise ValueError(
-            f"--num-labels {num_labels} is not divisible by the {num_classes} classes: the labeled set is "
-            f"balanced, so choose a multiple of {num_classes} (e.g. {max(num_classes, num_labels // num_classes * num_classes)})"
-        )
-    per_class = num_labels // num_classes
-    counts = np.bincount(labels, minlength=num_classes)
-    if per_class > counts.min():
-        raise ValueError(
-            f"--num-labels {num_labels} needs {per_class} images per class but the smallest class has "
-            f"{counts.min()}: use at most {counts.min() * num_classes}, or 'all'"
-        )
+    check_label_budget(num_labels, num_classes, np.bincount(labels, minlength=num_classes))
     rng = np.random.default_rng(seed)
-    chosen = [rng.choice(np.flatnonzero(labels == c), size=per_class, replace=False) for c in range(num_classes)]
+    chosen = [rng.choice(np.flatnonzero(labels == c), size=num_labels // num_classes, replace=False)
+              for c in range(num_classes)]
     return np.sort(np.concatenate(chosen))
 
 

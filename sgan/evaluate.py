@@ -104,11 +104,12 @@ def load_weights(module: torch.nn.Module, file: Path, config_file: Path) -> None
 def build_models(source: Source, config: TrainConfig, device: torch.device):
     """D (and G when its weights exist) as configured by the run, weights loaded, in eval mode on `device`."""
     info = dataset_info(config.dataset)
-    discriminator = build_discriminator(config, info.num_classes)
+    spec = config.network_spec(info.image_shape, info.num_classes)
+    discriminator = build_discriminator(spec)
     load_weights(discriminator, source.discriminator_file, source.config_file)
     generator = None
     if source.generator_file is not None:
-        generator = build_generator(config)
+        generator = build_generator(spec)
         load_weights(generator, source.generator_file, source.config_file)
         generator.to(device).eval()
     return discriminator.to(device).eval(), generator

@@ -1,6 +1,6 @@
-"""The networks. The seed architecture (DCGAN-style, Odena 2016), sized for the dataset's images (28x28 grey
-or 32x32 RGB), and Salimans et al. (2016)'s models: an MLP pair for 28x28 grey images, a conv pair for 32x32 RGB.
-build_discriminator / build_generator choose them from the recipe and the dataset.
+"""The networks. Odena (2016)'s architecture (DCGAN-style convs), sized for the images (28x28 grey or 32x32
+RGB), and Salimans et al. (2016)'s models: an MLP pair for 28x28 grey images, a conv pair for 32x32 RGB.
+build_discriminator / build_generator choose them from a NetworkSpec.
 
 G: z -> linear -> 2 x (ConvTranspose2d + BatchNorm + ReLU) -> Conv2d -> tanh, images in [-1, 1].
 D: 3 x (Conv2d + BatchNorm + LeakyReLU) -> dropout -> one linear to the formulation's logits
@@ -8,10 +8,11 @@ D: 3 x (Conv2d + BatchNorm + LeakyReLU) -> dropout -> one linear to the formulat
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from .data import dataset_info
 from .losses import num_logits
 
 
@@ -31,7 +32,7 @@ class Generator(nn.Module):
     def __init__(self, latent_dim: int = 100, width: int = 64, channels: int = 1, image_size: int = 28):
         super().__init__()
         if image_size % 4:
-            raise ValueError(f"the seed generator doubles its size twice: the image size must be a multiple of 4, "
+            raise ValueError(f"the odena generator doubles its size twice: the image size must be a multiple of 4, "
                              f"got {image_size}")
         self.latent_dim = latent_dim
         self.start = image_size // 4
@@ -347,44 +348,51 @@ class SalimansConvGenerator(nn.Module):
 
 # ------------------------------------------------------------------------------------ choosing the models
 
-SALIMANS_CONV_WIDTHS = {"svhn": (64, 128)}  # the paper's narrower SVHN D; other 32x32 datasets: (96, 192)
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """Everything the networks are built from (a run's other settings never reach this module)."""
+
+    family: str  # "odena" (DCGAN-style convs) or "salimans" (Salimans et al.'s MLPs or convs)
+    image_shape: tuple[int, int, int]  # (channels, height, width)
+    num_classes: int
+    formulation: str  # sets D's logit count: K + 1, or K for k-logit
+    latent_dim: int = 100
+    d_width: int = 32  # odena D's base channel count
+    g_width: int = 32  # odena G's base channel count
+    dropout: float = 0.5  # odena D, before its last linear
+    d_batchnorm: bool = True  # odena D
+    g_output: str = "softplus"  # salimans 28x28 G's output layer
+    salimans_conv_widths: tuple[int, int] = (96, 192)  # salimans 32x32 D's (a, b) widths
 
 
-def image_shape_of(config) -> tuple[int, int, int]:
-    """(channels, height, width) of the configured dataset's images."""
-    return dataset_info(config.dataset).image_shape
-
-
-def salimans_kind(config) -> str:
-    """Which of Salimans' network pairs fits the dataset: "mlp" (28x28 grey) or "conv" (32x32); else an error."""
-    shape = image_shape_of(config)
-    if shape[0] == 1 and shape[1:] == (28, 28):
+def salimans_kind(spec: NetworkSpec) -> str:
+    """Which of Salimans' network pairs fits the images: "mlp" (28x28 grey) or "conv" (32x32); else an error."""
+    shape = tuple(spec.image_shape)
+    if shape == (1, 28, 28):
         return "mlp"
     if shape[1:] == (32, 32):
         return "conv"
-    raise ValueError(f"the salimans networks are for 28x28 grey and 32x32 images, not {config.dataset}'s "
-                     f"{shape}: use --networks seed")
+    raise ValueError(f"the salimans networks are for 28x28 grey and 32x32 images, not {shape}: use --networks odena")
 
 
-def build_discriminator(config, num_classes: int) -> nn.Module:
-    """D for a TrainConfig's recipe and dataset (one place, so training and evaluation build the same network).
+def build_discriminator(spec: NetworkSpec) -> nn.Module:
+    """D for a spec (one place, so training and evaluation build the same network).
 
-    salimans: the MLP for 28x28 grey images, the conv D for 32x32 RGB ones; seed and supervised: the conv D
-    sized for the dataset's images."""
-    shape = image_shape_of(config)
-    if config.network_family() == "salimans":
-        if salimans_kind(config) == "mlp":
-            return SalimansDiscriminator(num_classes, config.formulation)
-        return SalimansConvDiscriminator(num_classes, config.formulation, channels=shape[0],
-                                         widths=SALIMANS_CONV_WIDTHS.get(config.dataset, (96, 192)))
-    return Discriminator(num_classes, config.formulation, width=config.d_width, channels=shape[0],
-                         dropout=config.dropout, batchnorm=config.d_batchnorm, image_size=shape[1])
+    salimans: the MLP for 28x28 grey images, the conv D for 32x32 ones; odena: the conv D sized for the images."""
+    channels, size = spec.image_shape[0], spec.image_shape[1]
+    if spec.family == "salimans":
+        if salimans_kind(spec) == "mlp":
+            return SalimansDiscriminator(spec.num_classes, spec.formulation)
+        return SalimansConvDiscriminator(spec.num_classes, spec.formulation, channels=channels,
+                                         widths=spec.salimans_conv_widths)
+    return Discriminator(spec.num_classes, spec.formulation, width=spec.d_width, channels=channels,
+                         dropout=spec.dropout, batchnorm=spec.d_batchnorm, image_size=size)
 
 
-def build_generator(config) -> nn.Module:
-    shape = image_shape_of(config)
-    if config.network_family() == "salimans":
-        if salimans_kind(config) == "mlp":
-            return SalimansGenerator(config.latent_dim, output=config.g_output)
-        return SalimansConvGenerator(config.latent_dim, shape)
-    return Generator(config.latent_dim, width=config.g_width, channels=shape[0], image_size=shape[1])
+def build_generator(spec: NetworkSpec) -> nn.Module:
+    if spec.family == "salimans":
+        if salimans_kind(spec) == "mlp":
+            return SalimansGenerator(spec.latent_dim, output=spec.g_output)
+        return SalimansConvGenerator(spec.latent_dim, spec.image_shape)
+    return Generator(spec.latent_dim, width=spec.g_width, channels=spec.image_shape[0], image_size=spec.image_shape[1])

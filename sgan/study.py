@@ -3,7 +3,7 @@ aggregate the test errors into results.md, results.json and accuracy_vs_labels.p
 
     python -m sgan.study --study-dir runs/study                           # the full plan (many CPU-days)
     python -m sgan.study --study-dir runs/quick --labels mnist=100,1000 \\
-        --recipes seed:k-logit,supervised --seeds 0 1 --max-steps 300     # a subset
+        --recipes odena:k-logit,supervised --seeds 0 1 --max-steps 300     # a subset
     python -m sgan.study --study-dir runs/study --dry-run                 # the plan and each cell's state
     python -m sgan.study --study-dir runs/study --aggregate-only          # results from the runs so far
 
@@ -37,7 +37,7 @@ from .losses import FORMULATIONS
 DEFAULT_LABELS = {"mnist": ("20", "50", "100", "1000", "30000"), "fashion-mnist": ("100", "1000")}
 DEFAULT_SEEDS = (0, 1, 2)
 # Recipes whose bare name in --recipes means one run per formulation: comparing them is the study's point.
-PER_FORMULATION = ("seed",)
+PER_FORMULATION = ("odena",)
 # Flags each cell sets itself; --extra may not set them.
 CELL_FLAGS = ("--dataset", "--recipe", "--formulation", "--num-labels", "--seed", "--output-dir", "--resume",
               "--epochs", "--max-steps")
@@ -80,7 +80,7 @@ def default_recipe_specs() -> list[str]:
 
 
 def parse_recipes(specs: list[str]) -> list[tuple[str, str | None]]:
-    """['seed:k-logit,supervised', ...] -> [(recipe, formulation or None)]. A bare per-formulation recipe
+    """['odena:k-logit,supervised', ...] -> [(recipe, formulation or None)]. A bare per-formulation recipe
     expands to every formulation; any other bare recipe runs with train's default formulation."""
     variants = []
     for spec in ",".join(specs).split(","):
@@ -94,7 +94,7 @@ def parse_recipes(specs: list[str]) -> list[tuple[str, str | None]]:
                              f"{', '.join(sgan_config.RECIPES)}")
         if formulation and formulation not in FORMULATIONS:
             raise ValueError(f"--recipes: unknown formulation {formulation!r} in {spec!r}; choose one of "
-                             f"{', '.join(FORMULATIONS)} (RECIPE:FORMULATION, e.g. seed:k-logit)")
+                             f"{', '.join(FORMULATIONS)} (RECIPE:FORMULATION, e.g. odena:k-logit)")
         if formulation:
             expanded = [(recipe, formulation)]
         elif recipe in PER_FORMULATION:
@@ -103,7 +103,7 @@ def parse_recipes(specs: list[str]) -> list[tuple[str, str | None]]:
             expanded = [(recipe, None)]
         variants += [v for v in expanded if v not in variants]
     if not variants:
-        raise ValueError("--recipes: no recipe given; e.g. --recipes seed:k-logit,supervised")
+        raise ValueError("--recipes: no recipe given; e.g. --recipes odena:k-logit,supervised")
     return variants
 
 

@@ -50,7 +50,7 @@ def test_time_to_accuracy_takes_the_first_epoch_at_or_above_each_target(tmp_path
 def test_time_to_accuracy_refuses_runs_without_per_epoch_wall_time(tmp_path, bench):
     run = tmp_path / "old"
     run.mkdir()
-    (run / "metrics.json").write_text(json.dumps({"recipe": "seed", "history": [{"epoch": 1, "test_accuracy": 0.9}]}))
+    (run / "metrics.json").write_text(json.dumps({"recipe": "odena", "history": [{"epoch": 1, "test_accuracy": 0.9}]}))
     with pytest.raises(SystemExit, match="no per-epoch wall time"):
         bench.main(["time-to-accuracy", str(run), "--out", str(tmp_path / "r.json"), "--plot", ""])
     with pytest.raises(SystemExit, match="not found"):

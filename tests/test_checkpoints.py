@@ -141,7 +141,7 @@ def test_sigterm_checkpoints_then_exits_cleanly(tmp_path, mnist_root):
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
         for line in process.stdout:  # wait until the loop has started
-            if line.startswith("sgan: seed recipe"):
+            if line.startswith("sgan: odena recipe"):
                 break
         time.sleep(3)
         process.send_signal(signal.SIGTERM)

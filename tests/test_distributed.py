@@ -73,3 +73,43 @@ def test_a_dying_rank_ends_the_whole_job(tmp_path, mnist_root):
     assert "injected failure on rank 1 at step 2" in result.stderr
     assert time.monotonic() - begun < 240
     assert not (out / "metrics.json").exists()
+
+
+def _feature_matching_gradient(rank, world_size, init_file, features, result_file):
+    """One process of the feature-matching check: its slice of the global batch, G's gradient after DDP."""
+    import torch.distributed as dist
+
+    from sgan.steps import StepSettings, generator_loss
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)  # the same G and D on every process
+        generator = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 6))
+        plain_d = torch.nn.Linear(6, 3)
+        plain_d.features = lambda x: torch.tanh(plain_d(x))  # a nonlinear feature map
+        real, z = features
+        rows = slice(rank * len(z) // world_size, (rank + 1) * len(z) // world_size)
+        settings = StepSettings("k-logit", 1.0, "all", True, True, 0.0, "torch")
+        loss = generator_loss(plain_d, generator, z[rows], real[rows], settings)
+        loss.backward()  # DDP averages G's gradients over the processes
+        if rank == 0:
+            torch.save({"loss": loss.detach(), "grad": [p.grad for p in generator.parameters()]}, result_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_feature_matching_under_ddp_matches_one_process(tmp_path):
+    """Means over all processes: 2 processes with half the batch each give one process's loss and gradient."""
+    import torch.multiprocessing as mp
+
+    generator = torch.Generator().manual_seed(1)
+    features = (torch.randn(8, 6, generator=generator) * 3, torch.randn(8, 4, generator=generator))
+    results = {}
+    for world_size in (1, 2):
+        out = tmp_path / f"world{world_size}.pt"
+        mp.spawn(_feature_matching_gradient, args=(world_size, tmp_path / f"init{world_size}", features, out),
+                 nprocs=world_size)
+        results[world_size] = torch.load(out)
+    torch.testing.assert_close(results[2]["loss"], results[1]["loss"])
+    for two, one in zip(results[2]["grad"], results[1]["grad"]):
+        torch.testing.assert_close(two, one)

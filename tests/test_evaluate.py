@@ -29,7 +29,7 @@ def trained(out, root, *flags):
 
 @pytest.fixture(scope="module")
 def seed_run(tmp_path_factory, mnist_root):
-    return trained(tmp_path_factory.mktemp("eval") / "seed", mnist_root, "--max-steps", "12")
+    return trained(tmp_path_factory.mktemp("eval") / "odena", mnist_root, "--max-steps", "12")
 
 
 @pytest.fixture(scope="module")

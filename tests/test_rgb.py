@@ -137,22 +137,28 @@ def test_conv_discriminator_init_standardises_every_layer():
     assert 0.05 < pre_tanh.std().item() < 0.2  # init_scale 0.1 (fresh noise, so not exact)
 
 
+def spec_of(*flags):
+    config = parse_config(list(flags))
+    info = DATASETS[config.dataset]
+    return config.network_spec(info.image_shape, info.num_classes)
+
+
 def test_recipes_pick_models_by_the_datasets_image_shape():
     for dataset, d_type, g_type in (("mnist", SalimansDiscriminator, SalimansGenerator),
                                     ("cifar10", SalimansConvDiscriminator, SalimansConvGenerator),
                                     ("svhn", SalimansConvDiscriminator, SalimansConvGenerator)):
-        config = parse_config(["--recipe", "salimans", "--dataset", dataset])
-        assert type(build_discriminator(config, 10)) is d_type and type(build_generator(config)) is g_type
-    svhn = parse_config(["--recipe", "salimans", "--dataset", "svhn"])  # the paper's narrower SVHN D
-    assert build_discriminator(svhn, 10).features(torch.zeros(2, 3, 32, 32)).shape == (2, 128)
-    for recipe in ("seed", "supervised"):  # the seed conv pair, sized for 32x32 RGB
-        config = parse_config(["--recipe", recipe, "--dataset", "cifar10"])
-        d, g = build_discriminator(config, 10), build_generator(config)
+        spec = spec_of("--recipe", "salimans", "--dataset", dataset)
+        assert type(build_discriminator(spec)) is d_type and type(build_generator(spec)) is g_type
+    svhn = spec_of("--recipe", "salimans", "--dataset", "svhn")  # the paper's narrower SVHN D
+    assert build_discriminator(svhn).features(torch.zeros(2, 3, 32, 32)).shape == (2, 128)
+    for recipe in ("odena", "supervised"):  # the odena conv pair, sized for 32x32 RGB
+        spec = spec_of("--recipe", recipe, "--dataset", "cifar10")
+        d, g = build_discriminator(spec), build_generator(spec)
         assert isinstance(d, Discriminator) and isinstance(g, Generator)
         images = g(g.sample_latent(4, "cpu"))
         assert images.shape == (4, 3, 32, 32) and d(images).shape == (4, 10)
-    mnist = parse_config(["--dataset", "mnist"])  # MNIST's seed models are unchanged
-    assert build_discriminator(mnist, 10).state_dict().keys() == Discriminator(10, "k-logit").state_dict().keys()
+    mnist = spec_of("--dataset", "mnist")  # MNIST's odena models are unchanged
+    assert build_discriminator(mnist).state_dict().keys() == Discriminator(10, "k-logit").state_dict().keys()
     assert build_generator(mnist)(torch.zeros(2, 100)).shape == (2, 1, 28, 28)
 
 
@@ -273,7 +279,7 @@ def test_svhn_without_scipy_says_how_to_install_it(tmp_path, small_sizes, monkey
 # ------------------------------------------------------------------------------------------------ training
 
 
-@pytest.mark.parametrize("recipe", ["salimans", "seed"])
+@pytest.mark.parametrize("recipe", ["salimans", "odena"])
 def test_short_training_run_on_32x32_rgb(tmp_path, small_sizes, recipe):
     root = tmp_path / "data"
     write_cifar(root)

@@ -19,7 +19,7 @@ def test_recipe_defaults_sit_below_config_files_and_flags(tmp_path):
     file.write_text("recipe: salimans\nema_decay: 0.99\n")
     from_file = parse_config(["--config", str(file)])
     assert from_file.recipe == "salimans" and from_file.ema_decay == 0.99 and from_file.lr == 0.003
-    assert parse_config([]).lr == 2e-4  # the seed recipe keeps its own defaults
+    assert parse_config([]).lr == 2e-4  # the odena recipe keeps its own defaults
 
 
 def test_weight_norm_data_dependent_init_standardises_outputs():

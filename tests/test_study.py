@@ -21,14 +21,14 @@ def plan_of(tmp_path, *flags):
 
 
 def test_plan_expansion(tmp_path):
-    plan = plan_of(tmp_path, "--labels", "mnist=20,100", "--recipes", "seed,supervised,seed:k-logit", "--seeds", "0",
+    plan = plan_of(tmp_path, "--labels", "mnist=20,100", "--recipes", "odena,supervised,odena:k-logit", "--seeds", "0",
                    "1", "--max-steps", "7", "--extra", "--tracker none")
-    variants = ["seed-two-head", "seed-k-plus-one", "seed-k-logit", "supervised"]  # a bare seed: every formulation
+    variants = ["odena-two-head", "odena-k-plus-one", "odena-k-logit", "supervised"]  # a bare odena: every formulation
     assert len(plan) == 2 * len(variants) * 2
     assert [c.variant for c in plan[:4]] == variants and {c.dataset for c in plan} == {"mnist"}
     assert [c.seed for c in plan] == [0] * 8 + [1] * 8  # seed-major: every cell once before any repeat
-    cell = Cell("mnist", "20", "seed", "two-head", 1)
-    assert cell in plan and cell.directory(tmp_path) == tmp_path / "runs/mnist/seed-two-head/labels-20/seed-1"
+    cell = Cell("mnist", "20", "odena", "two-head", 1)
+    assert cell in plan and cell.directory(tmp_path) == tmp_path / "runs/mnist/odena-two-head/labels-20/seed-1"
     flags = cell.train_flags(tmp_path, None, 7, ["--tracker", "none"])
     assert flags[flags.index("--formulation") + 1] == "two-head" and flags[-3:] == ["7", "--tracker", "none"]
     baseline = Cell("mnist", "100", "supervised", None, 0)
@@ -44,14 +44,14 @@ def test_default_plan_is_the_full_study(tmp_path):
     assert budgets == {("mnist", n) for n in ("20", "50", "100", "1000", "30000")} | \
         {("fashion-mnist", "100"), ("fashion-mnist", "1000")}
     assert {c.seed for c in plan} == {0, 1, 2}
-    assert {(c.recipe, c.formulation) for c in plan} >= {("seed", f) for f in FORMULATIONS} | {("supervised", None)}
+    assert {(c.recipe, c.formulation) for c in plan} >= {("odena", f) for f in FORMULATIONS} | {("supervised", None)}
     assert len(plan) == len(budgets) * 3 * len({c.variant for c in plan})
     assert {c.dataset for c in plan_of(tmp_path, "--labels", "fashion-mnist=100")} == {"fashion-mnist"}
     assert {c.num_labels for c in plan_of(tmp_path, "--datasets", "mnist")} == {"20", "50", "100", "1000", "30000"}
 
 
 def test_a_new_recipe_joins_the_default_plan(monkeypatch):
-    monkeypatch.setattr(sgan_config, "RECIPES", ("seed", "supervised", "salimans"))
+    monkeypatch.setattr(sgan_config, "RECIPES", ("odena", "supervised", "salimans"))
     variants = parse_recipes(default_recipe_specs())
     assert ("salimans", None) in variants and variants[-1] == ("supervised", None)  # the baseline last
     assert parse_recipes(["salimans:two-head"]) == [("salimans", "two-head")]
@@ -64,8 +64,8 @@ def test_a_new_recipe_joins_the_default_plan(monkeypatch):
     (["--labels", "cifar=100"], "unknown dataset 'cifar'"),
     (["--labels", "mnist=20", "mnist=50"], "mnist given twice"),
     (["--datasets", "mnist", "--labels", "fashion-mnist=100"], "--labels names fashion-mnist"),
-    (["--recipes", "gan"], "unknown recipe 'gan'; this version has seed, supervised"),
-    (["--recipes", "seed:softmax"], "unknown formulation 'softmax'"),
+    (["--recipes", "gan"], "unknown recipe 'gan'; this version has odena, supervised"),
+    (["--recipes", "odena:softmax"], "unknown formulation 'softmax'"),
     (["--recipes", ","], "no recipe given"),
     (["--seeds", "1", "1"], "--seeds must be distinct"),
     (["--extra", "--seed 3"], "--extra may not set --seed"),
@@ -90,10 +90,10 @@ def fake_run(study_dir, cell, error, steps=600):
 
 def test_aggregation_math_table_and_plot(tmp_path, capsys):
     for seed, error in enumerate([0.10, 0.20, 0.30]):
-        fake_run(tmp_path, Cell("mnist", "20", "seed", "k-logit", seed), error)
+        fake_run(tmp_path, Cell("mnist", "20", "odena", "k-logit", seed), error)
     for seed, error in enumerate([0.50, 0.70]):
         fake_run(tmp_path, Cell("mnist", "20", "supervised", None, seed), error, steps=300)
-    fake_run(tmp_path, Cell("mnist", "100", "seed", "k-logit", 0), 0.05)
+    fake_run(tmp_path, Cell("mnist", "100", "odena", "k-logit", 0), 0.05)
     fake_run(tmp_path, Cell("fashion-mnist", "100", "supervised", None, 4), 0.25)
     broken = Cell("mnist", "100", "supervised", None, 0).directory(tmp_path)
     broken.mkdir(parents=True)
@@ -104,7 +104,7 @@ def test_aggregation_math_table_and_plot(tmp_path, capsys):
     assert "skipping" in captured.err and str(broken) in captured.err
     table = (tmp_path / "results.md").read_text()
     assert table == captured.out.rstrip("\n") + "\n"  # printed as written
-    assert "| dataset | labels | seed/k-logit | supervised |" in table
+    assert "| dataset | labels | odena/k-logit | supervised |" in table
     assert "| mnist | 20 | 20.00 ± 10.00 (n=3, 600 steps = 1 ep) | 60.00 ± 14.14 (n=2, 300 steps = 0.5 ep) |" in table
     assert "| mnist | 100 | 5.00 ± 0.00 (n=1, 600 steps = 1 ep) | – |" in table
     assert "| fashion-mnist | 100 | – | 25.00 ± 0.00 (n=1, 600 steps = 1 ep) |" in table
@@ -147,17 +147,17 @@ def test_study_resumes_and_skips_finished_runs(tmp_path, mnist_root):
                         str(mnist_root)]))
     (interrupted / "metrics.json").unlink()
 
-    first = study(tmp_path, mnist_root, "mnist=20", "seed:k-logit,supervised")
+    first = study(tmp_path, mnist_root, "mnist=20", "odena:k-logit,supervised")
     assert first.returncode == 0, first.stdout + first.stderr[-3000:]
     assert "1 to resume, 1 to start" in first.stdout and "resuming from step_00000001" in first.stdout
     resumed = json.loads((interrupted / "metrics.json").read_text())
     assert resumed["steps"] == 2 and resumed["resumed_from"].endswith("step_00000001")
-    new = Cell("mnist", "20", "seed", "k-logit", 0).directory(tmp_path)
+    new = Cell("mnist", "20", "odena", "k-logit", 0).directory(tmp_path)
     assert json.loads((new / "metrics.json").read_text())["formulation"] == "k-logit"
     assert "| mnist | 20 |" in (tmp_path / "results.md").read_text()
     mtimes = {p: p.stat().st_mtime_ns for p in (new / "metrics.json", interrupted / "metrics.json")}
 
-    second = study(tmp_path, mnist_root, "mnist=20", "seed:k-logit,supervised")
+    second = study(tmp_path, mnist_root, "mnist=20", "odena:k-logit,supervised")
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("done, skipped") == 2 and "ran 0, skipped 2, failed 0" in second.stdout
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from sgan.config import parse_config
 from sgan.losses import FORMULATIONS
 from sgan.models import Discriminator, Generator
-from sgan.train import discriminator_loss, learning_rate, main, train
+from sgan.steps import discriminator_loss
+from sgan.train import learning_rate, main, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,8 +93,9 @@ def test_yaml_config_and_flag_precedence(tmp_path):
 def test_discriminator_loss_normalises_each_term_by_its_rows(real_rows):
     from sgan.losses import GENERATED, UNLABELED
     from sgan.ops import reference_loss_sums
+    from sgan.train import step_settings
 
-    config = parse_config(["--unlabeled-weight", "0.7", "--real-rows", real_rows])
+    settings = step_settings(parse_config(["--unlabeled-weight", "0.7", "--real-rows", real_rows]), "torch")
     torch.manual_seed(0)
     logits = [torch.randn(n, 10, dtype=torch.float64) for n in (4, 6, 5)]
     targets = [torch.tensor([0, 3, 3, 9]), torch.full((6,), UNLABELED), torch.full((5,), GENERATED)]
@@ -105,10 +107,11 @@ def test_discriminator_loss_normalises_each_term_by_its_rows(real_rows):
     labeled_real = sums([0])[1] if real_rows == "all" else 0.0
     expected = sums([0])[0] / 4 + 0.7 * ((labeled_real + sums([1])[1]) / (4 + 6 if real_rows == "all" else 6)
                                          + sums([2])[2] / 5)
-    loss, _ = discriminator_loss(lambda x, t: reference_loss_sums(x, t, "k-logit"), logits, targets, config)
+    loss, named = discriminator_loss(logits, targets, settings)
     torch.testing.assert_close(loss, expected)
-    supervised, _ = discriminator_loss(lambda x, t: reference_loss_sums(x, t, "k-logit"), logits[:1], targets[:1],
-                                       config)
+    torch.testing.assert_close(named["supervised"], sums([0])[0])
+    torch.testing.assert_close(named["fake"], sums([2])[2])
+    supervised, _ = discriminator_loss(logits[:1], targets[:1], settings)
     torch.testing.assert_close(supervised, sums([0])[0] / 4)
 
 
@@ -216,3 +219,33 @@ def test_a_tracker_that_fails_to_start_is_only_a_warning(tmp_path, mnist_root, m
         metrics = train(parse_config(["--tracker", "wandb", "--max-steps", "2", "--output-dir", str(tmp_path / "x"),
                                       "--data-root", str(mnist_root)]))
     assert metrics["steps"] == 2
+
+
+def test_every_config_field_says_whether_a_resumed_run_must_keep_it():
+    import dataclasses
+
+    from sgan.checkpoints import fingerprint
+    from sgan.config import ON_RESUME, TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata.get("resume") in ON_RESUME, f"{f.name}: declare resume='match' or 'free'"
+    keys = set(fingerprint(parse_config([]), 1, [0, 1]))
+    assert {"recipe", "seed", "lr", "g_clip_norm", "networks", "world_size", "labeled_sha256"} <= keys
+    assert not {"epochs", "max_steps", "output_dir", "resume", "log_every"} & keys
+
+
+@pytest.mark.parametrize("flags", [["--recipe", "seed"], ["--recipe=seed"], ["--networks", "seed"]])
+def test_the_old_seed_recipe_name_says_what_replaced_it(flags, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(flags)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "seed is now --" in err and "odena" in err
+
+
+def test_the_old_seed_recipe_name_in_a_config_file(tmp_path, capsys):
+    config_file = tmp_path / "old.yaml"
+    config_file.write_text("recipe: seed\n")
+    with pytest.raises(SystemExit):
+        parse_config(["--config", str(config_file)])
+    assert "--recipe seed is now --recipe odena" in capsys.readouterr().err
