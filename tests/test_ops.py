@@ -5,8 +5,10 @@ CUDA tests skip without a GPU.
 """
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import subprocess
+import sys
 import warnings
 
 import pytest
@@ -182,6 +184,15 @@ def test_thread_count_does_not_change_result():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, ops.discriminator_loss_sums(logits, target, "two-head", backend="cpp"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sgan._C") is None, reason="sgan._C is not installed (JIT build)")
+def test_compiled_op_imports_on_its_own():
+    """`import sgan._C` alone registers the ops: the package loads torch's libraries, which it links against."""
+    code = "import sgan._C, torch; print(torch.ops.sgan.loss_sums.default._schema)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "bool check_targets=True" in result.stdout
 
 
 @needs_cpp
