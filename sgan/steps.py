@@ -127,8 +127,11 @@ def frozen(module: nn.Module):
 
 
 def loss_sums(logits: Tensor, targets: Tensor, settings: StepSettings) -> dict[str, Tensor]:
-    """The loss op's three sums by name: supervised (CE over labeled rows), real, fake."""
-    sums = ops.discriminator_loss_sums(logits, targets, settings.formulation, backend=settings.loss_backend)
+    """The loss op's three sums by name: supervised (CE over labeled rows), real, fake.
+
+    The steps build their targets themselves, so the op's value check of them (a host sync on CUDA) is off."""
+    sums = ops.discriminator_loss_sums(logits, targets, settings.formulation, backend=settings.loss_backend,
+                                       check_targets=False)
     return dict(zip(LOSS_TERMS, sums.unbind()))
 
 

@@ -111,7 +111,7 @@ def test_non_finite_loss_names_the_step_and_checkpoint(tmp_path, mnist_root, mon
     real = ops.discriminator_loss_sums
     calls = {"n": 0}
 
-    def poisoned(logits, target, formulation, backend="auto"):
+    def poisoned(logits, target, formulation, backend="auto", **kwargs):
         calls["n"] += 1
         sums = real(logits, target, formulation, backend="torch")
         return sums * float("nan") if calls["n"] >= 4 else sums
