@@ -9,7 +9,7 @@ LAUNCH_ARGS ?= --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_
 # Flags for pytest, e.g. make test PYTEST_ARGS="-m slow"
 PYTEST_ARGS ?=
 
-.PHONY: setup train test test-all cuda-check benchmark benchmark-training study clean
+.PHONY: setup train test test-all cuda-check benchmark benchmark-training study docs clean
 
 setup: $(VENV)/.installed data/MNIST/raw/.prepared
 
@@ -44,13 +44,17 @@ cuda-check: setup
 benchmark: setup
 	$(PY) benchmarks/loss.py
 
-# Training throughput per recipe and loss backend (benchmarks/training.py; time-to-accuracy: see README)
+# Training throughput per recipe and loss backend (benchmarks/training.py; time-to-accuracy: see RESULTS.md)
 benchmark-training: setup
 	$(PY) benchmarks/training.py throughput $(ARGS)
 
-# The label-budget study (see README, "Running the study"), e.g. make study ARGS="--dry-run"
+# The label-budget study (see README, "Studies"), e.g. make study ARGS="--dry-run"
 study: setup
 	$(PY) -m sgan.study $(ARGS)
+
+# docs/cli.md from the tools' --help (a test fails when it is stale)
+docs: setup
+	$(PY) docs/generate_cli.py
 
 clean:
 	rm -rf build *.egg-info sgan/*.so runs
