@@ -45,8 +45,10 @@ def check_formulation(formulation: str) -> None:
         raise ValueError(f"unknown formulation {formulation!r}: choose one of {', '.join(FORMULATIONS)}")
 
 
-def check_loss_inputs(logits: torch.Tensor, target: torch.Tensor, formulation: str) -> int:
-    """Validate the loss inputs; return K. Raises ValueError/TypeError that say what to fix."""
+def check_loss_inputs(logits: torch.Tensor, target: torch.Tensor, formulation: str, check_values: bool = True) -> int:
+    """Validate the loss inputs; return K. Raises ValueError/TypeError that say what to fix.
+
+    check_values=False skips the range check of the target values, the one check that reads the device."""
     check_formulation(formulation)
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D [batch, C], got shape {tuple(logits.shape)}")
@@ -66,7 +68,7 @@ def check_loss_inputs(logits: torch.Tensor, target: torch.Tensor, formulation: s
             f"{formulation} needs {num_logits(formulation, 1)} or more logits per row (K classes"
             f"{'' if formulation == 'k-logit' else ' + 1'}), got {logits.shape[1]}"
         )
-    if target.numel() and (int(target.min()) < GENERATED or int(target.max()) >= k):
+    if check_values and target.numel() and (int(target.min()) < GENERATED or int(target.max()) >= k):
         raise ValueError(
             f"target values must lie in [-2, {k - 1}] (class, -1 unlabeled, -2 generated), "
             f"got min {int(target.min())} max {int(target.max())}"
@@ -98,28 +100,36 @@ def class_logits(logits: torch.Tensor, formulation: str) -> torch.Tensor:
     return logits[:, : num_classes_from_logits(formulation, logits.shape[1])]
 
 
-def discriminator_loss_sums(logits: torch.Tensor, target: torch.Tensor, formulation: str) -> torch.Tensor:
-    """Reference loss sums [supervised CE, -log D over real, -log(1-D) over generated] as float32[3]."""
-    check_loss_inputs(logits, target, formulation)
+def discriminator_loss_sums(logits: torch.Tensor, target: torch.Tensor, formulation: str,
+                            check_targets: bool = True) -> torch.Tensor:
+    """Reference loss sums [supervised CE, -log D over real, -log(1-D) over generated] as float32[3].
+
+    check_targets=False skips the value check of target (a host read); a target outside [-2, K) then makes
+    every sum NaN, as in the fused op."""
+    k = check_loss_inputs(logits, target, formulation, check_values=check_targets)
     m, r = class_lse_and_real_logit(logits, formulation)
     labeled = target >= 0
     real = target >= UNLABELED
     generated = target == GENERATED
 
-    picked = logits.float().gather(1, target.clamp(min=0).long().unsqueeze(1)).squeeze(1)
+    picked = logits.float().gather(1, target.clamp(0, k - 1).long().unsqueeze(1)).squeeze(1)
     ce = m - picked
     if formulation == "k-plus-one":
         ce = ce + F.softplus(-r)
     # torch.where, not multiplication by a mask: a masked-out row must not turn inf * 0 into NaN,
     # while a NaN in a selected row still propagates.
     zero = torch.zeros((), dtype=ce.dtype, device=ce.device)
-    return torch.stack(
+    sums = torch.stack(
         [
             torch.where(labeled, ce, zero).sum(),
             torch.where(real, F.softplus(-r), zero).sum(),
             torch.where(generated, F.softplus(r), zero).sum(),
         ]
     )
+    if check_targets:
+        return sums
+    out_of_range = ((target < GENERATED) | (target >= k)).any()
+    return torch.where(out_of_range, torch.full_like(sums, float("nan")), sums)
 
 
 def generator_loss_sum(fake_logits: torch.Tensor, formulation: str) -> torch.Tensor:

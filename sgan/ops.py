@@ -60,10 +60,10 @@ def discriminator_loss_sums(
     """Loss sums [supervised CE, -log D over real rows, -log(1 - D) over generated rows], as in sgan.losses.
 
     backend: "auto" (default; $SGAN_LOSS_BACKEND overrides it), "cpp", "cuda" or "torch"; see the module doc.
-    check_targets: False skips the fused op's target check (no host sync on CUDA; a bad target gives NaN sums).
+    check_targets: False skips the target value check (no host sync on CUDA; a bad target gives NaN sums).
     """
     if _resolve(backend, logits.device.type) == "torch":
-        return reference_loss_sums(logits, target, formulation)
+        return reference_loss_sums(logits, target, formulation, check_targets)
     return torch.ops.sgan.loss_sums.default(logits, target, formulation, check_targets)[0]
 
 

@@ -107,3 +107,20 @@ def test_bad_inputs_raise_clear_errors(logits, target, formulation, message):
 def test_empty_batch_gives_zeros():
     got = discriminator_loss_sums(torch.zeros(0, 10), torch.zeros(0, dtype=torch.long), "k-logit")
     assert torch.equal(got, torch.zeros(3))
+
+
+@pytest.mark.parametrize("formulation", FORMULATIONS)
+def test_reference_without_target_check_gives_nan_for_bad_targets(formulation):
+    """check_targets=False reads nothing back to check the targets: valid ones give the checked result,
+    out-of-range ones (never used as an index) make every sum NaN, as in the fused op."""
+    torch.manual_seed(0)
+    k = 4
+    logits = torch.randn(6, num_logits(formulation, k))
+    target = torch.tensor([0, 3, -1, -2, 2, -1])
+    torch.testing.assert_close(discriminator_loss_sums(logits, target, formulation, check_targets=False),
+                               discriminator_loss_sums(logits, target, formulation))
+    for bad in (k, -3, 2**40):
+        target[1] = bad
+        with pytest.raises(ValueError, match="target values must lie"):
+            discriminator_loss_sums(logits, target, formulation)
+        assert torch.isnan(discriminator_loss_sums(logits, target, formulation, check_targets=False)).all()
