@@ -23,7 +23,7 @@ check_targets=False skips the fused op's check that every target lies in [-2, K)
 the targets themselves, like the training loop. On CUDA that check is the forward's only wait for the GPU (a
 16-byte copy to the host), so without it a step can be captured as a CUDA graph. An out-of-range target then
 makes all three sums NaN, and its row of the gradient; no memory is read or written out of bounds. The
-"torch" backend always checks.
+"torch" backend takes the argument too (NaN sums as well).
 
 The generator's non-saturating loss is the real-rows sum with every row unlabeled:
 discriminator_loss_sums(fake_logits, torch.full((B,), -1), formulation)[1].
