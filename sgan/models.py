@@ -1,10 +1,10 @@
-"""The networks. Odena (2016)'s architecture (DCGAN-style convs), sized for the images (28x28 grey or 32x32
-RGB), and Salimans et al. (2016)'s models: an MLP pair for 28x28 grey images, a conv pair for 32x32 RGB.
-build_discriminator / build_generator choose them from a NetworkSpec.
+"""The networks. Odena (2016)'s architecture (DCGAN-style convs) and Salimans et al. (2016)'s models (an MLP
+pair for 28x28 grey images, the paper's conv pair at 32x32), each sized for the images: square, 1 or 3
+channels, of a side in SUPPORTED_SIZES; the number of stride-2 stages follows from the side. At 28x28 grey and
+32x32 they are exactly the networks of the published results. build_discriminator / build_generator choose
+them from a NetworkSpec.
 
-G: z -> linear -> 2 x (ConvTranspose2d + BatchNorm + ReLU) -> Conv2d -> tanh, images in [-1, 1].
-D: 3 x (Conv2d + BatchNorm + LeakyReLU) -> dropout -> one linear to the formulation's logits
-   (K + 1 for two-head and k-plus-one, K for k-logit). D is the classifier.
+D is the classifier: it returns the formulation's logits (K + 1 for two-head and k-plus-one, K for k-logit).
 """
 from __future__ import annotations
 
@@ -14,6 +14,50 @@ import torch
 from torch import nn
 
 from .losses import num_logits
+
+# ------------------------------------------------------------------------------------------------ image sizes
+# A side s * 2^k (s = 3, 4 or 7; k >= 2) halves exactly down to a 3x3, 4x4 or 7x7 map: G can start from such a
+# map and double up to the image, and D's stride-2 stages mirror it. 7 keeps MNIST's 28 (and gives 224); 256
+# bounds the compute, not the parameters (see each class).
+MAX_IMAGE_SIZE = 256
+SUPPORTED_SIZES = tuple(sorted(s * 2**k for s in (3, 4, 7) for k in range(2, 7) if s * 2**k <= MAX_IMAGE_SIZE))
+
+
+def check_image_shape(image_shape: tuple[int, int, int]) -> None:
+    """A ValueError, saying what to pass instead, unless the images are (1 or 3, N, N) with N supported."""
+    channels, height, width = image_shape
+    if channels not in (1, 3):
+        raise ValueError(f"the networks take images with 1 (grey) or 3 (RGB) channels, not {channels}: "
+                         f"use --channels 1 or 3")
+    if height != width or height not in SUPPORTED_SIZES:
+        sizes = ", ".join(map(str, SUPPORTED_SIZES[:-1])) + f" or {SUPPORTED_SIZES[-1]}"
+        raise ValueError(f"the networks take square images of side {sizes} (3, 4 or 7 times a power of two), "
+                         f"not {height}x{width}: use --image-size with one of them")
+
+
+def halvings(size: int, smallest: int) -> int:
+    """How many stride-2 stages take a side of `size` down to at most `smallest` (each rounds up, like a
+    padded stride-2 conv): D's stage count."""
+    count = 0
+    while size > smallest:
+        size, count = (size + 1) // 2, count + 1
+    return count
+
+
+def start_side(size: int, largest: int) -> int:
+    """The side G starts from: `size` halved while it stays whole and above `largest`. G doubles it back."""
+    while size % 2 == 0 and size > largest:
+        size //= 2
+    return size
+
+
+def doublings(start: int, size: int) -> int:
+    return (size // start).bit_length() - 1
+
+
+def stage_widths(base: int, stages: int) -> list[int]:
+    """Channels per stage of the odena pair: doubling from `base`, at most 8 x base (parameters stay bounded)."""
+    return [base * 2 ** min(index, 3) for index in range(stages)]
 
 
 def init_weights(module: nn.Module) -> None:
@@ -29,29 +73,30 @@ def init_weights(module: nn.Module) -> None:
 
 
 class Generator(nn.Module):
+    """z -> linear to a start map -> (ConvTranspose2d 4x4 stride 2 + BatchNorm + ReLU) per doubling -> Conv2d 3x3
+    -> tanh: images in [-1, 1].
+
+    Rule: the start map is the image side halved while it stays whole and above 8 (8x8 at 32, 64 and 128; 7x7 at
+    28; 6x6 at 48 and 96), so the linear layer stays under latent_dim x 8 x width x 64 weights. The last doubling
+    has `width` channels, each earlier one twice the next, at most 8 x width: [4w, 2w, w] at 28 and 32."""
+
     def __init__(self, latent_dim: int = 100, width: int = 64, channels: int = 1, image_size: int = 28):
         super().__init__()
-        if image_size % 4:
-            raise ValueError(f"the odena generator doubles its size twice: the image size must be a multiple of 4, "
-                             f"got {image_size}")
+        check_image_shape((channels, image_size, image_size))
         self.latent_dim = latent_dim
-        self.start = image_size // 4
-        self.project = nn.Linear(latent_dim, 4 * width * self.start * self.start)
-        self.width = width
-        self.net = nn.Sequential(
-            nn.ConvTranspose2d(4 * width, 2 * width, 4, stride=2, padding=1, bias=False),  # 7 -> 14 (28x28)
-            nn.BatchNorm2d(2 * width),
-            nn.ReLU(inplace=True),
-            nn.ConvTranspose2d(2 * width, width, 4, stride=2, padding=1, bias=False),  # 14 -> 28
-            nn.BatchNorm2d(width),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(width, channels, 3, padding=1),
-            nn.Tanh(),
-        )
+        self.start = start_side(image_size, 8)
+        widths = stage_widths(width, doublings(self.start, image_size) + 1)[::-1]
+        self.project = nn.Linear(latent_dim, widths[0] * self.start * self.start)
+        self.start_channels = widths[0]
+        layers = []
+        for a, b in zip(widths, widths[1:]):  # 7 -> 14 -> 28 at 28x28
+            layers += [nn.ConvTranspose2d(a, b, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(b),
+                       nn.ReLU(inplace=True)]
+        self.net = nn.Sequential(*layers, nn.Conv2d(width, channels, 3, padding=1), nn.Tanh())
         init_weights(self)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.project(z)).view(-1, 4 * self.width, self.start, self.start)
+        x = torch.relu(self.project(z)).view(-1, self.start_channels, self.start, self.start)
         return self.net(x)
 
     def sample_latent(self, n: int, device) -> torch.Tensor:
@@ -59,29 +104,32 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Returns logits; `features(x)` gives the penultimate features (for feature matching)."""
+    """(Conv2d stride 2 + BatchNorm + LeakyReLU) per stage -> flatten -> dropout -> one linear to the logits.
+    `features(x)` gives the flattened map (for feature matching).
+
+    Rule: stride-2 stages until the map is at most 4x4 (28 -> 14 -> 7 -> 4, 32 -> 16 -> 8 -> 4, 48 -> ... -> 3),
+    4x4 kernels, the last one 3x3 (it takes 7 to 4); `width` channels in the first stage, doubling per stage
+    up to 8 x width. The head sees at most 16 x 8 x width features, whatever the image size."""
 
     def __init__(self, num_classes: int, formulation: str, width: int = 32, channels: int = 1, dropout: float = 0.5,
                  batchnorm: bool = True, image_size: int = 28):
         super().__init__()
+        check_image_shape((channels, image_size, image_size))
         self.num_classes = num_classes
         self.formulation = formulation
         norm = nn.BatchNorm2d if batchnorm else (lambda channels: nn.Identity())
-        self.body = nn.Sequential(
-            nn.Conv2d(channels, width, 4, stride=2, padding=1, bias=False),  # 28 -> 14
-            norm(width),
-            nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1, bias=False),  # 14 -> 7
-            norm(2 * width),
-            nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1, bias=False),  # 7 -> 4
-            norm(4 * width),
-            nn.LeakyReLU(0.2, inplace=True),
-            nn.Flatten(),
-        )
+        stages = halvings(image_size, 4)
+        widths = stage_widths(width, stages)
+        layers, c_in = [], channels
+        for index, c_out in enumerate(widths):
+            kernel = 3 if index == stages - 1 else 4
+            layers += [nn.Conv2d(c_in, c_out, kernel, stride=2, padding=1, bias=False), norm(c_out),
+                       nn.LeakyReLU(0.2, inplace=True)]
+            c_in = c_out
+        self.body = nn.Sequential(*layers, nn.Flatten())
         self.dropout = nn.Dropout(dropout)
-        final = (image_size // 2 // 2 + 1) // 2  # after the three stride-2 convs: 28 -> 4, 32 -> 4
-        self.head = nn.Linear(4 * width * final * final, num_logits(formulation, num_classes))
+        final = -(-image_size // 2**stages)  # each stage rounds up: 28 -> 4
+        self.head = nn.Linear(widths[-1] * final * final, num_logits(formulation, num_classes))
         init_weights(self)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -218,9 +266,10 @@ class SalimansGenerator(nn.Module):
         self.out.init_from(self.body(z))
 
 
-# ------------------------------------------------------------- Salimans et al. (2016), 32x32 RGB images
+# ------------------------------------------------------------- Salimans et al. (2016), conv networks
 # The CIFAR-10 / SVHN models of "Improved Techniques for Training GANs" (openai/improved-gan,
-# train_cifar_feature_matching.py): a weight-normalised all-conv D with dropout, a BatchNorm deconv G.
+# train_cifar_feature_matching.py): a weight-normalised all-conv D with dropout, a BatchNorm deconv G. They are
+# the paper's at 32x32; other sizes get more or fewer of the same stride-2 stages.
 
 
 class WNConv2d(WNLinear):
@@ -256,30 +305,37 @@ class WNConvTranspose2d(WNConv2d):
 
 
 class SalimansConvDiscriminator(nn.Module):
-    """The paper's CIFAR-10 / SVHN D for 32x32 images: dropout 0.2 on the input; weight-normalised 3x3 convs
+    """The paper's CIFAR-10 / SVHN D at 32x32: dropout 0.2 on the input; weight-normalised 3x3 convs
     a-a-a (stride 2), dropout 0.5, b-b-b (stride 2), dropout 0.5, b 3x3 valid, b 1x1, b 1x1, all with
     lrelu(0.2); global average pooling; a weight-normalised dense layer to the formulation's logits.
     (a, b) = widths: (96, 192) for CIFAR-10, (64, 128) in the paper's SVHN code. Takes images in [-1, 1] (the
-    paper's scale). `features(x)` is the pooled layer (b features), the one feature matching compares."""
+    paper's scale). `features(x)` is the pooled layer (b features), the one feature matching compares.
+
+    Rule for other sizes: one stage (three convs, the last stride 2, then dropout) per halving until the map is
+    at most 8x8, as the paper's 32 -> 16 -> 8 (48 -> 6: three stages, 128 -> 8: four); the first stage is a wide,
+    the others b. Each stage past the paper's two adds 3 x 9 x b^2 weights (1M at b = 192); pooling keeps the
+    head at b inputs."""
 
     def __init__(self, num_classes: int, formulation: str = "k-logit", channels: int = 3,
-                 input_dropout: float = 0.2, dropout: float = 0.5, widths: tuple[int, int] = (96, 192)):
+                 input_dropout: float = 0.2, dropout: float = 0.5, widths: tuple[int, int] = (96, 192),
+                 image_size: int = 32):
         super().__init__()
+        check_image_shape((channels, image_size, image_size))
         self.num_classes, self.formulation = num_classes, formulation
         a, b = widths
 
         def conv(c_in, c_out, kernel=3, stride=1, padding=1):
             return WNConv2d(c_in, c_out, kernel, stride=stride, padding=padding)
 
-        self.layers = nn.ModuleList([
-            nn.Dropout(input_dropout),
-            conv(channels, a), conv(a, a), conv(a, a, stride=2),  # 32 -> 16
-            nn.Dropout(dropout),
-            conv(a, b), conv(b, b), conv(b, b, stride=2),  # 16 -> 8
-            nn.Dropout(dropout),
-            conv(b, b, padding=0),  # 8 -> 6
-            conv(b, b, kernel=1, padding=0), conv(b, b, kernel=1, padding=0),
-        ])
+        layers, c_in = [nn.Dropout(input_dropout)], channels
+        for stage in range(halvings(image_size, 8)):
+            c_out = a if stage == 0 else b
+            layers += [conv(c_in, c_out), conv(c_out, c_out), conv(c_out, c_out, stride=2),  # 32 -> 16 -> 8
+                       nn.Dropout(dropout)]
+            c_in = c_out
+        layers += [conv(c_in, b, padding=0),  # 8 -> 6
+                   conv(b, b, kernel=1, padding=0), conv(b, b, kernel=1, padding=0)]
+        self.layers = nn.ModuleList(layers)
         self.head = WNLinear(b, num_logits(formulation, num_classes), init_scale=0.1, train_scale=True)
 
     def _features(self, x: torch.Tensor, init: bool = False) -> torch.Tensor:
@@ -305,28 +361,31 @@ class SalimansConvDiscriminator(nn.Module):
 
 
 class SalimansConvGenerator(nn.Module):
-    """The paper's CIFAR-10 / SVHN G: 100-d uniform noise -> dense 4x4x512 + BatchNorm + ReLU -> 5x5 deconvs
-    (stride 2) to 256 (8x8) and 128 (16x16) channels, each + BatchNorm + ReLU -> a weight-normalised 5x5 deconv
-    to the image's channels (32x32), tanh: images in [-1, 1] like the data."""
+    """The paper's CIFAR-10 / SVHN G at 32x32: 100-d uniform noise -> dense 4x4x512 + BatchNorm + ReLU -> 5x5
+    deconvs (stride 2) to 256 (8x8) and 128 (16x16) channels, each + BatchNorm + ReLU -> a weight-normalised 5x5
+    deconv to the image's channels (32x32), tanh: images in [-1, 1] like the data.
+
+    Rule for other sizes: the start map is the image side halved while it stays whole and above 4 (4x4 at 32, 64
+    and 128; 3x3 at 48 and 96; 7x7 at 28), 512 channels, halved at each doubling (64 -> 4: 512, 256, 128, 64):
+    the dense layer has at most 100 x 512 x 49 weights and the deconvs shrink as the maps grow."""
 
     def __init__(self, latent_dim: int = 100, image_shape: tuple[int, int, int] = (3, 32, 32)):
         super().__init__()
+        check_image_shape(image_shape)
         channels, size = image_shape[0], image_shape[1]
-        if size % 8 or image_shape[1] != image_shape[2]:
-            raise ValueError(f"the conv generator doubles its size three times: it needs square images whose "
-                             f"side is a multiple of 8, got {tuple(image_shape)}")
-        self.latent_dim, self.image_shape, self.start = latent_dim, tuple(image_shape), size // 8
+        self.latent_dim, self.image_shape, self.start = latent_dim, tuple(image_shape), start_side(size, 4)
+        widths = [512 >> index for index in range(doublings(self.start, size))]  # the last doubling is self.out
 
         def deconv(a, b):  # 5x5, stride 2: doubles the size ('half' padding plus output_padding)
             return nn.ConvTranspose2d(a, b, 5, stride=2, padding=2, output_padding=1, bias=False)
 
         self.project = nn.Sequential(nn.Linear(latent_dim, 512 * self.start ** 2, bias=False),
                                      nn.BatchNorm1d(512 * self.start ** 2), nn.ReLU())
-        self.body = nn.Sequential(
-            deconv(512, 256), nn.BatchNorm2d(256), nn.ReLU(),  # 4 -> 8
-            deconv(256, 128), nn.BatchNorm2d(128), nn.ReLU(),  # 8 -> 16
-        )
-        self.out = WNConvTranspose2d(128, channels, 5, stride=2, padding=2, output_padding=1, init_scale=0.1,
+        layers = []
+        for a, b in zip(widths, widths[1:]):  # 4 -> 8 -> 16 at 32x32
+            layers += [deconv(a, b), nn.BatchNorm2d(b), nn.ReLU()]
+        self.body = nn.Sequential(*layers)
+        self.out = WNConvTranspose2d(widths[-1], channels, 5, stride=2, padding=2, output_padding=1, init_scale=0.1,
                                      train_scale=True)  # 16 -> 32
         for m in self.modules():  # the paper's N(0, 0.05) weights
             if isinstance(m, (nn.Linear, nn.ConvTranspose2d)):
@@ -363,29 +422,25 @@ class NetworkSpec:
     dropout: float = 0.5  # odena D, before its last linear
     d_batchnorm: bool = True  # odena D
     g_output: str = "softplus"  # salimans 28x28 G's output layer
-    salimans_conv_widths: tuple[int, int] = (96, 192)  # salimans 32x32 D's (a, b) widths
+    salimans_conv_widths: tuple[int, int] = (96, 192)  # salimans conv D's (a, b) widths
 
 
 def salimans_kind(spec: NetworkSpec) -> str:
-    """Which of Salimans' network pairs fits the images: "mlp" (28x28 grey) or "conv" (32x32); else an error."""
-    shape = tuple(spec.image_shape)
-    if shape == (1, 28, 28):
-        return "mlp"
-    if shape[1:] == (32, 32):
-        return "conv"
-    raise ValueError(f"the salimans networks are for 28x28 grey and 32x32 images, not {shape}: use --networks odena")
+    """Which of Salimans' network pairs fits the images: "mlp" (28x28 grey, the paper's MNIST models) or "conv"."""
+    return "mlp" if tuple(spec.image_shape) == (1, 28, 28) else "conv"
 
 
 def build_discriminator(spec: NetworkSpec) -> nn.Module:
     """D for a spec (one place, so training and evaluation build the same network).
 
-    salimans: the MLP for 28x28 grey images, the conv D for 32x32 ones; odena: the conv D sized for the images."""
+    salimans: the MLP for 28x28 grey images, the conv D otherwise; odena: the conv D. Both sized for the images
+    (an unsupported shape is a ValueError listing SUPPORTED_SIZES)."""
     channels, size = spec.image_shape[0], spec.image_shape[1]
     if spec.family == "salimans":
         if salimans_kind(spec) == "mlp":
             return SalimansDiscriminator(spec.num_classes, spec.formulation)
         return SalimansConvDiscriminator(spec.num_classes, spec.formulation, channels=channels,
-                                         widths=spec.salimans_conv_widths)
+                                         widths=spec.salimans_conv_widths, image_size=size)
     return Discriminator(spec.num_classes, spec.formulation, width=spec.d_width, channels=channels,
                          dropout=spec.dropout, batchnorm=spec.d_batchnorm, image_size=size)
 
