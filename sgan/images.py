@@ -376,6 +376,7 @@ def _build_cache(scan: _Scan, image_size: int, channels: int | None, path: str, 
                  progress: bool) -> dict:
     """Decode every image of the scan into the cache file `path`, atomically; returns its header."""
     started = time.perf_counter()
+    _remove_orphans(path)
     tasks = [(os.path.join(scan.root, f.rel), image_size, channels or 3) for f in scan.files]
     kept, bad, colour, sizes, modes = [], [], False, Counter(), Counter()
     tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
@@ -413,6 +414,17 @@ def _build_cache(scan: _Scan, image_size: int, channels: int | None, path: str, 
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _remove_orphans(path: str) -> None:
+    """Delete the temporary files of builds of `path` whose process is gone (killed before its cleanup ran)."""
+    for tmp in Path(path).parent.glob(Path(path).name + ".tmp-*"):
+        try:
+            os.kill(int(tmp.name.rsplit(".tmp-", 1)[1].split("-")[0]), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except (ValueError, OSError):
+            pass  # not ours, or a live process of another user: leave it
 
 
 def _keep_first_channel(path: str, n: int, pixels: int) -> None:
@@ -454,8 +466,8 @@ def _check_labels_cover(split: str, labels: np.ndarray, class_names: tuple[str, 
     """Every class needs an image in labeled/ (and in val/ and test/ when present)."""
     missing = [class_names[i] for i in np.flatnonzero(np.bincount(labels, minlength=len(class_names)) == 0)]
     if missing:
-        raise ImageError(f"{where}: {split} has no readable image of class {', '.join(missing)}; every class "
-                         f"needs at least one image in {split}")
+        raise ImageError(f"{where}: {split} has no image of class {', '.join(missing)} (bad images skipped): "
+                         f"every class needs at least one image in {split}")
 
 
 def open_folder(path, image_size: int, channels: int | None = None, *, cache_dir=None, skip_bad_images: bool = False,
@@ -622,15 +634,6 @@ def from_arrays(x_labeled, y_labeled, x_unlabeled=None, x_val=None, y_val=None, 
     arrays = {"x_labeled": x_labeled, "y_labeled": y_labeled, "x_unlabeled": x_unlabeled, "x_val": x_val,
               "y_val": y_val, "x_test": x_test, "y_test": y_test, "class_names": class_names}
     return _from_named(arrays, "arrays", "arrays", image_size, channels)
-
-
-def open_source(spec: str, image_size: int | None = None, channels: int | None = None, **folder_options
-                ) -> ImageSource:
-    """"folder:PATH" (open_folder with folder_options) or "npz:FILE" (open_npz)."""
-    kind, path = _parse_spec(spec)
-    if kind == "npz":
-        return open_npz(path, image_size, channels)
-    return open_folder(path, image_size, channels, **folder_options)
 
 
 def _parse_spec(spec) -> tuple[str, str]:

@@ -232,7 +232,10 @@ def test_a_crash_while_decoding_leaves_no_cache_behind(tmp_path, monkeypatch, ca
         open_test_folder(root)
     assert list(cache_dir.iterdir()) == []  # no cache file, no temporary file
     monkeypatch.setattr(images, "_decode_file", real)
+    orphan = Path(f"{images._cache_file(str(root), 8, None, None)}.tmp-999999999-abcd")  # a killed build's file
+    orphan.write_bytes(b"half")
     assert len(open_test_folder(root).labeled) == 5
+    assert not orphan.exists() and [p.suffix for p in cache_dir.iterdir()] == [".sgimg"]
 
 
 def test_process_pool_decodes_the_same_pixels(tmp_path):
@@ -317,7 +320,7 @@ def test_class_whose_images_are_all_bad_is_an_error_even_when_skipping(tmp_path)
     root = make_folder(tmp_path / "d", val=False)
     for path in (root / "labeled" / "dog").iterdir():
         path.write_bytes(b"not a png")
-    with pytest.raises(ImageError, match="labeled/ has no readable image of class dog"):
+    with pytest.raises(ImageError, match="labeled/ has no image of class dog"):
         open_test_folder(root, skip_bad_images=True)
 
 
@@ -446,7 +449,7 @@ def test_npz_bad_arrays(tmp_path):
     npz_error(tmp_path, r"y_val holds label 7, but there are 3 classes", x_labeled=x, y_labeled=y, x_unlabeled=u,
               x_val=x[:1], y_val=np.array([7]))
     npz_error(tmp_path, "negative label -1", x_labeled=x, y_labeled=y - 1, x_unlabeled=u)
-    npz_error(tmp_path, "y_labeled has no readable image of class cow", x_labeled=x, y_labeled=y % 2, x_unlabeled=u,
+    npz_error(tmp_path, "y_labeled has no image of class cow", x_labeled=x, y_labeled=y % 2, x_unlabeled=u,
               class_names=np.array(["ant", "bee", "cow"]))
     npz_error(tmp_path, "required arrays missing: x_unlabeled", x_labeled=x, y_labeled=y)
     npz_error(tmp_path, "unexpected arrays x_valid", x_labeled=x, y_labeled=y, x_unlabeled=u, x_valid=x)
