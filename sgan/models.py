@@ -435,6 +435,7 @@ def build_discriminator(spec: NetworkSpec) -> nn.Module:
 
     salimans: the MLP for 28x28 grey images, the conv D otherwise; odena: the conv D. Both sized for the images
     (an unsupported shape is a ValueError listing SUPPORTED_SIZES)."""
+    check_image_shape(spec.image_shape)  # the whole shape: the classes take one side
     channels, size = spec.image_shape[0], spec.image_shape[1]
     if spec.family == "salimans":
         if salimans_kind(spec) == "mlp":
@@ -446,6 +447,7 @@ def build_discriminator(spec: NetworkSpec) -> nn.Module:
 
 
 def build_generator(spec: NetworkSpec) -> nn.Module:
+    check_image_shape(spec.image_shape)
     if spec.family == "salimans":
         if salimans_kind(spec) == "mlp":
             return SalimansGenerator(spec.latent_dim, output=spec.g_output)
