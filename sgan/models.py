@@ -17,8 +17,8 @@ from .losses import num_logits
 
 # ------------------------------------------------------------------------------------------------ image sizes
 # A side s * 2^k (s = 3, 4 or 7; k >= 2) halves exactly down to a 3x3, 4x4 or 7x7 map: G can start from such a
-# map and double up to the image, and D's stride-2 stages mirror it. 7 keeps MNIST's 28 (and gives 224); 256
-# bounds the compute, not the parameters (see each class).
+# map and double up to the image, and D's stride-2 stages mirror it. 7 keeps MNIST's 28 (and gives 224). The
+# parameter counts stay bounded at any size (see each class); 256 bounds the compute per image.
 MAX_IMAGE_SIZE = 256
 SUPPORTED_SIZES = tuple(sorted(s * 2**k for s in (3, 4, 7) for k in range(2, 7) if s * 2**k <= MAX_IMAGE_SIZE))
 
@@ -52,6 +52,7 @@ def start_side(size: int, largest: int) -> int:
 
 
 def doublings(start: int, size: int) -> int:
+    """How many stride-2 transposed convs take G's start side to the image's (size = start * 2^n)."""
     return (size // start).bit_length() - 1
 
 
@@ -367,7 +368,7 @@ class SalimansConvGenerator(nn.Module):
 
     Rule for other sizes: the start map is the image side halved while it stays whole and above 4 (4x4 at 32, 64
     and 128; 3x3 at 48 and 96; 7x7 at 28), 512 channels, halved at each doubling (64 -> 4: 512, 256, 128, 64):
-    the dense layer has at most 100 x 512 x 49 weights and the deconvs shrink as the maps grow."""
+    the dense layer has at most latent_dim x 512 x 49 weights and the deconvs shrink as the maps grow."""
 
     def __init__(self, latent_dim: int = 100, image_shape: tuple[int, int, int] = (3, 32, 32)):
         super().__init__()
