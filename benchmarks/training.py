@@ -30,6 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def write_result(result: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out}")
+
+
 def machine() -> dict:
     import torch
 
@@ -202,9 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "throughput" and (args.steps < 1 or args.warmup_steps < 1):
         parser.error("--steps and --warmup-steps must be >= 1")
     result = throughput(args) if args.command == "throughput" else time_to_accuracy(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    write_result(result, args.out)
     return 0
 
 
