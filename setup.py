@@ -51,6 +51,7 @@ setup(
         "numpy",
         "safetensors",  # weights that load without executing code
         "tqdm",  # progress bars
+        "pillow",  # decoding your own images (sgan.images)
         "pyyaml",  # --config files
         "matplotlib",  # plots of results
     ],

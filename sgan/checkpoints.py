@@ -14,9 +14,15 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+
 STATE_FILE = "trainer_state.json"
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt or from a different run; the message says which and what to do."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A checkpoint file cannot be read (damaged, truncated, or not what it should be)."""
 
 
 def fingerprint(config, world_size: int, labeled_indices) -> dict:
@@ -61,19 +67,20 @@ def save(accelerator, output_dir: Path, step: int, run_fingerprint: dict, extra:
     return path
 
 
-def find(resume: str, output_dir: Path) -> Path:
-    """--resume latest|PATH -> the checkpoint folder."""
+def find(resume: str, output_dir: Path) -> list[Path]:
+    """--resume latest|PATH -> the checkpoint folders to try, newest first (latest: every complete one, so that
+    a damaged newest checkpoint falls back to the one before)."""
     if resume == "latest":
         found = complete_checkpoints(output_dir)
         if not found:
             raise CheckpointError(f"--resume latest: no complete checkpoint under {checkpoints_root(output_dir)}; "
                                   "start without --resume, or pass a checkpoint folder")
-        return found[-1]
+        return found[::-1]
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise CheckpointError(f"--resume {resume}: not a complete checkpoint folder (no {STATE_FILE} in it); "
                               f"checkpoints live in OUTPUT_DIR/checkpoints/step_*")
-    return path
+    return [path]
 
 
 def read_state(path: Path, expected_fingerprint: dict) -> dict:
@@ -82,7 +89,7 @@ def read_state(path: Path, expected_fingerprint: dict) -> dict:
         state = json.loads((path / STATE_FILE).read_text())
         step, theirs = int(state["step"]), dict(state["fingerprint"])
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise CheckpointError(f"{path / STATE_FILE}: corrupt trainer state ({error}); resume from another "
+        raise CorruptCheckpoint(f"{path / STATE_FILE}: corrupt trainer state ({error}); resume from another "
                               "checkpoint or start again") from error
     differences = [f"{key}: checkpoint {theirs.get(key)!r}, this run {value!r}"
                    for key, value in expected_fingerprint.items() if theirs.get(key) != value]
@@ -90,17 +97,36 @@ def read_state(path: Path, expected_fingerprint: dict) -> dict:
         raise CheckpointError(f"{path} was written by a different run configuration ({'; '.join(differences)}): "
                               "resume with the same flags, or use another --output-dir")
     if step < 0:
-        raise CheckpointError(f"{path / STATE_FILE}: invalid step {step}")
+        raise CorruptCheckpoint(f"{path / STATE_FILE}: invalid step {step}")
     state["step"] = step
     return state
 
 
+def check_random_states(path: Path) -> None:
+    """accelerate loads the RNG states last and only logs a failure; read them first, the way it does
+    (torch.load with weights_only), so that a damaged or foreign file is an error, never silently skipped."""
+    from accelerate.utils import load as accelerate_load
+
+    for file in sorted(path.glob("random_states_*.pkl")):
+        try:
+            states = accelerate_load(file)
+            ok = isinstance(states, dict) and isinstance(states.get("torch_manual_seed"), torch.Tensor)
+        except Exception as error:  # torch.load raises many types for damaged or hostile pickles
+            ok, detail = False, f"{type(error).__name__}: {error}"
+        else:
+            detail = "not the random states accelerate writes"
+        if not ok:
+            raise CorruptCheckpoint(f"{file}: cannot read it ({detail}); resume from another checkpoint or start "
+                                    "again")
+
+
 def load(accelerator, path: Path) -> None:
     """Restore models, optimizers and RNG states; a damaged file is a CheckpointError naming the folder."""
+    check_random_states(path)
     try:
         accelerator.load_state(str(path))
     except Exception as error:  # safetensors, torch.load(weights_only) and size mismatches all raise differently
-        raise CheckpointError(f"{path}: cannot load the checkpoint ({type(error).__name__}: {error}); it is corrupt "
+        raise CorruptCheckpoint(f"{path}: cannot load the checkpoint ({type(error).__name__}: {error}); it is corrupt "
                               "or from another model: resume from another checkpoint or start again") from error
 
 
@@ -112,5 +138,5 @@ def load_tensors(path: Path, name: str) -> dict:
     try:
         return load_file(str(file))
     except Exception as error:  # missing or damaged file
-        raise CheckpointError(f"{file}: cannot read ({type(error).__name__}: {error}); resume from another "
+        raise CorruptCheckpoint(f"{file}: cannot read ({type(error).__name__}: {error}); resume from another "
                               "checkpoint or start again") from error

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import yaml
 
-from .data import DATASETS, check_label_budget, parse_num_labels
+from .data import DATASETS, check_dataset, check_label_budget, is_builtin, parse_num_labels
 from .losses import FORMULATIONS
-from .models import NetworkSpec
+from .models import SUPPORTED_SIZES, NetworkSpec
 from .ops import BACKENDS
 
 RECIPES = ("odena", "supervised", "salimans")
@@ -45,15 +45,27 @@ def option(default, help: str, *, resume: str, choices: tuple | None = None):
 
 @dataclass
 class TrainConfig:
-    dataset: str = option("mnist", "dataset", resume="match", choices=tuple(sorted(DATASETS)))
+    dataset: str = option("mnist", f"a built-in dataset ({', '.join(DATASETS)}), folder:PATH (your images: "
+                          "PATH/labeled/<class>/..., optional PATH/unlabeled/**, PATH/val/<class>/, PATH/test/<class>/) "
+                          "or npz:FILE (arrays x_labeled, y_labeled, x_unlabeled, optional x_val, y_val, x_test, "
+                          "y_test, class_names)", resume="match")
+    image_size: int | None = option(None, "your images are resized to this square size (default 32); built-in "
+                                    "datasets keep their own", resume="match")
+    channels: int | None = option(None, "1 (grey) or 3 (RGB) for your images (default: 3 if any image has "
+                                  "colour)", resume="match", choices=(1, 3))
+    skip_bad_images: bool = option(False, "skip unreadable images of a folder (listed in the output dir) instead of "
+                                   "stopping", resume="free")
     recipe: str = option("odena", "odena: the semi-supervised conv GAN of Odena (2016); supervised: the same D "
                          "trained on the labeled images only (baseline); salimans: Salimans et al. (2016), MLP D "
                          "with weight norm and noise, feature matching", resume="match", choices=RECIPES)
     formulation: str = option("k-logit", "D's loss: two-head (K-class softmax + real/fake sigmoid), k-plus-one "
                               "(softmax over K+1, fake = K), k-logit (K logits, D = Z/(Z+1))", resume="match",
                               choices=FORMULATIONS)
-    num_labels: str = option("100", "labeled training images, balanced over the classes (a multiple of K), or 'all'",
-                             resume="match")
+    num_labels: str = option("auto", "labeled training images: N, 'all', or auto (100 for a built-in dataset, "
+                             "all for your own). Built-in datasets take N / K per class (a multiple of K); your own "
+                             "images a stratified subset", resume="match")
+    val_size: int = option(0, "images of the labeled pool held out for validation (class-balanced, never "
+                           "trained on); a folder's val/ or an npz's x_val is used as it is", resume="match")
     epochs: int = option(1, "passes over the (unlabeled) training set", resume="free")
     max_steps: int | None = option(None, "stop after this many steps (overrides --epochs)", resume="free")
     batch_size: int = option(100, "images per batch and process: each step D sees this many unlabeled, labeled "
@@ -105,6 +117,8 @@ class TrainConfig:
     keep_checkpoints: int = option(2, "how many of the newest checkpoints to keep", resume="free")
     resume: str | None = option(None, "continue from 'latest' (the newest checkpoint under --output-dir) or a "
                                 "checkpoint folder", resume="free")
+    overwrite: bool = option(False, "start a new run in an --output-dir that holds one: its checkpoints and "
+                             "outputs are deleted first", resume="free")
     ddp_timeout: int = option(600, "seconds a process waits for the others in a collective before the job fails",
                               resume="free")
     eval_batch_size: int = option(1000, "batch size for test-set evaluation", resume="free")
@@ -117,10 +131,11 @@ class TrainConfig:
             if getattr(self, name) == old:
                 raise ValueError(f"{_flag(name)} {old} is now {_flag(name)} {new} (the paper's name; --seed is the "
                                  "random seed)")
-        num_labels = parse_num_labels(self.num_labels)
+        num_labels = parse_num_labels(self.num_labels, is_builtin(self.dataset))
+        check_dataset(self.dataset)
         for f in dataclasses.fields(self):  # argparse does not check choices of values from a --config file
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            if choices and value not in choices and not (value is None and f.default is None):
                 raise ValueError(f"{_flag(f.name)} {getattr(self, f.name)!r} is not one of {', '.join(choices)}")
         checks = [
             (self.epochs >= 1, "--epochs must be >= 1"),
@@ -135,6 +150,9 @@ class TrainConfig:
             (0 <= self.lr_decay_start < 1, "--lr-decay-start must be in [0, 1) (a fraction of --epochs)"),
             (self.g_clip_norm >= 0, "--g-clip-norm must be >= 0 (0 turns clipping off)"),
             (self.eval_batch_size >= 1, "--eval-batch-size must be >= 1"),
+            (self.val_size >= 0, "--val-size must be >= 0"),
+            (self.image_size is None or self.image_size in SUPPORTED_SIZES,
+             f"--image-size {self.image_size}: the networks take {', '.join(map(str, SUPPORTED_SIZES))}"),
             (self.log_every >= 1, "--log-every must be >= 1"),
             (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1"),
@@ -144,7 +162,12 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        check_label_budget(num_labels, DATASETS[self.dataset].num_classes)
+        if is_builtin(self.dataset):
+            info = DATASETS[self.dataset]
+            check_label_budget(num_labels, info.num_classes)
+            if num_labels is not None and num_labels + self.val_size > info.train_size:
+                raise ValueError(f"--num-labels {num_labels}{f' + --val-size {self.val_size}' if self.val_size else ''}"
+                                 f" is more than {self.dataset}'s {info.train_size} training images")
 
     def network_family(self) -> str:
         """odena or salimans: --networks, or the recipe's own when it is auto."""
@@ -193,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         if f.type in ("bool",):
-            if f.name == "cpu":
+            if f.name in ("cpu", "overwrite"):
                 kwargs["action"] = "store_true"
             else:
                 kwargs.update(type=_parse_bool, metavar="BOOL")
@@ -223,7 +246,31 @@ def load_yaml_config(path: str) -> dict:
     unknown = sorted(set(values) - names)
     if unknown:
         raise ValueError(f"--config {path}: unknown keys {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in values:
+            values[f.name] = _typed_yaml_value(f, values[f.name], path)
     return values
+
+
+def _typed_yaml_value(f: dataclasses.Field, value, path: str):
+    """A YAML value checked against the field's type (argparse never sees file values): 2.5 is no step count,
+    true is no number, null only where the flag has no default."""
+    kind = f.type.replace(" | None", "")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if value is None and "None" in f.type:
+        return None
+    if kind == "bool" and isinstance(value, bool):
+        return value
+    if kind == "int" and number and isinstance(value, int):
+        return value
+    if kind == "float" and number:
+        return float(value)
+    if kind == "str" and (isinstance(value, str) or (number and isinstance(value, int))):  # num_labels: 100
+        return str(value)
+    problem = yaml.safe_dump(value, default_flow_style=True).splitlines()[0]  # as the file spells it
+    expected = {"int": "a whole number", "float": "a number", "bool": "true or false"}.get(kind, "a string")
+    raise ValueError(f"--config {path}: {f.name}: {problem} is not {expected}"
+                     f"{' (or null)' if 'None' in f.type else ''}")
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:

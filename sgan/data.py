@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import batches
+
 
 class DataError(RuntimeError):
     """A dataset file is missing, corrupt or foreign; the message names the file and the fix."""
@@ -504,8 +506,8 @@ def prepare(name: str, root: Path | str | None = None, source: str = "auto", qui
     raise DataError(f"could not prepare {name} under {root}:\n  " + "\n  ".join(errors))
 
 
-def load_split(name: str, train: bool, root: Path | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images as float32 [N, C, H, W] (info.image_shape) scaled to [-1, 1] and int64 labels.
+def read_builtin_split(name: str, train: bool, root: Path | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A built-in dataset's split as uint8 images [N, C, H, W] (info.image_shape) and int64 labels.
 
     MNIST and Fashion-MNIST through torchvision's dataset class after checking the IDX files; CIFAR-10 and
     SVHN read and checked here. Prepares the dataset on first use."""
@@ -518,34 +520,46 @@ def load_split(name: str, train: bool, root: Path | str | None = None) -> tuple[
         if not prepared:
             prepare(name, root, quiet=False)
         images, labels = read_split(root, info, "train" if train else "test")  # validates what it reads
-        return torch.from_numpy(images).float().div_(127.5).sub_(1.0), torch.from_numpy(labels)
+        return torch.from_numpy(images), torch.from_numpy(labels)
     import torchvision.datasets
 
     prepare(name, root, quiet=False)
     dataset = getattr(torchvision.datasets, info.torchvision_class)(str(root), train=train, download=False)
-    images = dataset.data.unsqueeze(1).float().div_(127.5).sub_(1.0)
-    return images, dataset.targets.long()
+    return dataset.data.unsqueeze(1), dataset.targets.long()
+
+
+def to_model_scale(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float32 in [-1, 1], the scale the networks take (done per batch: images stay uint8)."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+def load_split(name: str, train: bool, root: Path | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A built-in dataset's split as float32 images in [-1, 1] and int64 labels (a whole split as floats:
+    for small datasets and tests; training keeps images uint8)."""
+    images, labels = read_builtin_split(name, train, root)
+    return to_model_scale(images), labels
 
 
 # ------------------------------------------------------------------------------------------ labeled subset
 
 
-def parse_num_labels(value: str | int) -> int | None:
-    """'all' -> None (every label); otherwise a positive int."""
-    if isinstance(value, str) and value.strip().lower() == "all":
-        return None
+def parse_num_labels(value: str | int, builtin: bool = True) -> int | None:
+    """'all' -> None (every label); 'auto' -> 100 for a built-in dataset, None (all) for your own images;
+    otherwise a positive int."""
+    if isinstance(value, str) and value.strip().lower() in ("all", "auto"):
+        return 100 if value.strip().lower() == "auto" and builtin else None
     try:
         n = int(value)
     except (TypeError, ValueError):
-        raise ValueError(f"--num-labels must be a positive integer or 'all', got {value!r}") from None
+        raise ValueError(f"--num-labels must be a positive integer, 'all' or 'auto', got {value!r}") from None
     if n <= 0:
-        raise ValueError(f"--num-labels must be a positive integer or 'all', got {n}")
+        raise ValueError(f"--num-labels must be a positive integer, 'all' or 'auto', got {n}")
     return n
 
 
 def check_label_budget(num_labels: int | None, num_classes: int, class_counts=None) -> None:
-    """The one check of a label budget: balanced over the classes (a multiple of K) and, given the images per
-    class, no more per class than the smallest class holds. None (every label) always passes."""
+    """The one check of a built-in dataset's label budget: balanced over the classes (a multiple of K) and,
+    given the images per class, no more per class than the smallest class holds. None (every label) passes."""
     if num_labels is None:
         return
     if num_labels % num_classes:
@@ -560,10 +574,9 @@ def check_label_budget(num_labels: int | None, num_classes: int, class_counts=No
         )
 
 
-def select_labeled_indices(labels: torch.Tensor, num_labels: int | None, num_classes: int, seed: int) -> np.ndarray:
-    """Indices of `num_labels` training images, num_labels / K from each class, chosen by `seed`. Sorted.
-
-    None selects every index."""
+def select_labeled_indices(labels, num_labels: int | None, num_classes: int, seed: int) -> np.ndarray:
+    """Indices of `num_labels` images of a built-in dataset, num_labels / K from each class, chosen by `seed`.
+    Sorted. None selects every index."""
     labels = np.asarray(labels)
     if num_labels is None:
         return np.arange(len(labels))
@@ -574,10 +587,108 @@ def select_labeled_indices(labels: torch.Tensor, num_labels: int | None, num_cla
     return np.sort(np.concatenate(chosen))
 
 
+def stratified_counts(class_counts, total: int, flag: str, class_names) -> np.ndarray:
+    """How many of `total` images to take from each class: in proportion to the class sizes, at least one from
+    each. ValueError (naming `flag`) when that cannot be done."""
+    counts = np.asarray(class_counts, dtype=np.int64)
+    if total < len(counts):
+        raise ValueError(f"{flag} {total} is fewer than the {len(counts)} classes: every class needs an image")
+    if total > counts.sum():
+        raise ValueError(f"{flag} {total} is more than the {counts.sum()} labeled images: use at most "
+                         f"{counts.sum()}, or 'all'")
+    share = np.maximum(1, np.minimum(counts, np.floor(total * counts / counts.sum()))).astype(np.int64)
+    while share.sum() > total:  # from the classes with the most taken, keeping one each
+        share[np.argmax(np.where(share > 1, share, -1))] -= 1
+    while share.sum() < total:  # to the classes with the most left
+        share[np.argmax(counts - share)] += 1
+    return share
+
+
+def choose_validation(labels, val_size: int, num_classes: int, seed: int, class_names) -> np.ndarray:
+    """--val-size: `val_size` images of the labeled pool held out for validation, class-balanced (sizes
+    differing by at most one), chosen by `seed`, leaving at least one image of each class. Sorted."""
+    labels = np.asarray(labels)
+    if not val_size:
+        return np.empty(0, dtype=np.int64)
+    per_class = np.full(num_classes, val_size // num_classes)
+    per_class[: val_size % num_classes] += 1
+    counts = np.bincount(labels, minlength=num_classes)
+    short = [c for c in range(num_classes) if per_class[c] >= counts[c]]
+    if short:
+        c = short[0]
+        raise ValueError(f"--val-size {val_size} takes {per_class[c]} images of class {class_names[c]!r}, which has "
+                         f"{counts[c]}: every class must keep at least one for training; lower --val-size")
+    rng = np.random.default_rng(batches.derived_seed(seed, "validation"))
+    chosen = [rng.choice(np.flatnonzero(labels == c), size=per_class[c], replace=False) for c in range(num_classes)]
+    return np.sort(np.concatenate(chosen))
+
+
+def split_labeled_pool(labels, num_labels: int | None, val_size: int, class_names, seed: int,
+                       builtin: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Indices into a source's labeled images: (labeled subset, validation set), disjoint and sorted.
+
+    Validation first (--val-size), then the labeled subset from the rest: balanced for a built-in dataset
+    (the same subset as without --val-size when it is 0), stratified for your own images (None: all)."""
+    labels = np.asarray(labels)
+    num_classes = len(class_names)
+    validation = choose_validation(labels, val_size, num_classes, seed, class_names)
+    rest = np.setdiff1d(np.arange(len(labels)), validation)
+    if builtin:
+        return rest[select_labeled_indices(labels[rest], num_labels, num_classes, seed)], validation
+    if num_labels is None:
+        return rest, validation
+    share = stratified_counts(np.bincount(labels[rest], minlength=num_classes), num_labels, "--num-labels",
+                              class_names)
+    rng = np.random.default_rng(seed)
+    chosen = [rng.choice(rest[labels[rest] == c], size=share[c], replace=False) for c in range(num_classes)]
+    return np.sort(np.concatenate(chosen)), validation
+
+
+# ----------------------------------------------------------------------------------------------- sources
+
+SOURCE_KINDS = ("folder:", "npz:")  # your own images: folder:PATH, npz:FILE
+
+
+def check_dataset(spec: str) -> None:
+    """A built-in dataset's name, folder:PATH or npz:FILE; else a ValueError that lists what is accepted."""
+    if spec in DATASETS or any(spec.startswith(kind) and spec[len(kind):].strip() for kind in SOURCE_KINDS):
+        return
+    raise ValueError(f"--dataset {spec!r}: use a built-in dataset ({', '.join(DATASETS)}), folder:PATH (a folder "
+                     "with labeled/<class>/ and optionally unlabeled/, val/<class>/, test/<class>/) or npz:FILE")
+
+
+def is_builtin(spec: str) -> bool:
+    return spec in DATASETS
+
+
+def open_source(spec: str, root: Path | str | None = None, image_size: int | None = None,
+                channels: int | None = None, skip_bad_images: bool = False):
+    """The images of --dataset SPEC as an sgan.images.ImageSource (uint8 splits): a built-in dataset (its
+    training split is the labeled pool, at its native size), a folder or an npz file."""
+    from .images import ImageSource, Split, open_folder, open_npz
+
+    check_dataset(spec)
+    if spec.startswith("folder:"):
+        return open_folder(spec[len("folder:"):], image_size or DEFAULT_IMAGE_SIZE, channels,
+                           skip_bad_images=skip_bad_images)
+    if spec.startswith("npz:"):
+        return open_npz(spec[len("npz:"):], image_size, channels)
+    info = dataset_info(spec)
+    if image_size not in (None, info.image_size) or channels not in (None, info.channels):
+        raise ValueError(f"--image-size and --channels are for your own images; {spec} is "
+                         f"{info.channels}x{info.image_size}x{info.image_size}: drop them")
+    splits = [read_builtin_split(spec, train, root) for train in (True, False)]
+    train, test = (Split(images.numpy(), labels.numpy(), None) for images, labels in splits)
+    return ImageSource(spec, info.class_names, labeled=train, unlabeled=None, val=None, test=test, skipped=[])
+
+
+DEFAULT_IMAGE_SIZE = 32  # your own images, without --image-size
+
+
 # --------------------------------------------------------------------------------------------------- CLI
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sgan.data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -587,10 +698,24 @@ def main(argv: list[str] | None = None) -> int:
     prep.add_argument("--source", default="auto", choices=["auto", "offline", "torchvision"],
                       help="offline: the checksummed local source only; torchvision: its download (needs internet); "
                            "auto: offline, then torchvision")
-    args = parser.parse_args(argv)
+    look = commands.add_parser("inspect", help="images per split and class, sizes and channels seen, cache state")
+    look.add_argument("source", metavar="SOURCE", help="a built-in dataset, folder:PATH or npz:FILE")
+    look.add_argument("--root", default=None, help="data root of the built-in datasets (default: $SGAN_DATA_ROOT "
+                      "or ./data)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .images import ImageError, describe
+
+    args = build_parser().parse_args(argv)
     try:
+        if args.command == "inspect":
+            check_dataset(args.source)
+            print(describe(open_source(args.source, args.root) if is_builtin(args.source) else args.source))
+            return 0
         root = prepare(args.dataset, args.root, args.source)
-    except (DataError, ValueError, OSError) as error:
+    except (DataError, ImageError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     info = DATASETS[args.dataset]

@@ -15,11 +15,13 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .checkpoints import STATE_FILE
 from .config import TrainConfig, load_yaml_config
-from .data import DataError, dataset_info, load_split
+from .data import DataError, open_source, to_model_scale
+from .images import ImageError
 from .losses import class_logits
 from .models import build_discriminator, build_generator
 
@@ -101,10 +103,9 @@ def load_weights(module: torch.nn.Module, file: Path, config_file: Path) -> None
                               "evaluate the weights with the config.yaml of the run that wrote them") from error
 
 
-def build_models(source: Source, config: TrainConfig, device: torch.device):
+def build_models(source: Source, config: TrainConfig, image_shape, num_classes: int, device: torch.device):
     """D (and G when its weights exist) as configured by the run, weights loaded, in eval mode on `device`."""
-    info = dataset_info(config.dataset)
-    spec = config.network_spec(info.image_shape, info.num_classes)
+    spec = config.network_spec(image_shape, num_classes)
     discriminator = build_discriminator(spec)
     load_weights(discriminator, source.discriminator_file, source.config_file)
     generator = None
@@ -124,7 +125,7 @@ def confusion_matrix(discriminator, images, labels, formulation: str, num_classe
     counts = torch.zeros(num_classes * num_classes, dtype=torch.long)
     # delay: the bar shows up only when the evaluation takes more than a moment (large sets, slow devices)
     for start in tqdm(range(0, len(images), batch_size), desc="evaluate", delay=2.0, dynamic_ncols=True):
-        x = images[start:start + batch_size].to(device)
+        x = to_model_scale(images[start:start + batch_size].to(device))
         y = labels[start:start + batch_size]
         predicted = class_logits(discriminator(x), formulation).argmax(dim=1).cpu()
         counts += torch.bincount(y * num_classes + predicted, minlength=num_classes * num_classes)
@@ -206,15 +207,20 @@ def evaluate(path: Path, out: Path | None = None, data_root: str | None = None, 
     source = locate(Path(path))
     config = read_config(source.config_file)
     torch_device = pick_device(device)
-    discriminator, generator = build_models(source, config, torch_device)
-    info = dataset_info(config.dataset)
-    images, labels = load_split(config.dataset, train=False, root=data_root or config.data_root)
-    matrix = confusion_matrix(discriminator, images, labels, config.formulation, info.num_classes, batch_size,
-                              torch_device)
+    images = open_source(config.dataset, data_root or config.data_root, config.image_size, config.channels,
+                         config.skip_bad_images)
+    if images.test is None:
+        raise EvaluationError(f"{images.name} has no test images to score the run on (a folder's test/<class>/, "
+                              "an npz's x_test and y_test)")
+    class_names = images.class_names
+    discriminator, generator = build_models(source, config, images.image_shape, len(class_names), torch_device)
+    matrix = confusion_matrix(discriminator, torch.from_numpy(np.asarray(images.test.images)),
+                              torch.from_numpy(np.asarray(images.test.labels)), config.formulation, len(class_names),
+                              batch_size, torch_device)
     result = {"source": str(source.path), "kind": source.kind, "config": str(source.config_file),
               "weights": str(source.discriminator_file), "dataset": config.dataset, "recipe": config.recipe,
               "formulation": config.formulation, "num_labels": config.num_labels, "seed": config.seed,
-              **summarize(matrix, info.class_names)}
+              **summarize(matrix, class_names)}
     if source.kind == "checkpoint":
         try:
             result["step"] = json.loads((source.path / STATE_FILE).read_text())["step"]
@@ -263,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = "cpu" if args.cpu else args.device
         result = evaluate(Path(args.path), args.out, args.data_root, args.batch_size, device)
-    except (EvaluationError, DataError, ValueError, OSError) as error:  # bad input: a message, not a traceback
+    except (EvaluationError, DataError, ImageError, ValueError, OSError) as error:  # bad input: a message, not a traceback
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"{result['source']} ({result['kind']}{', step ' + str(result['step']) if result.get('step') else ''}: "

@@ -39,7 +39,7 @@ DEFAULT_SEEDS = (0, 1, 2)
 # Recipes whose bare name in --recipes means one run per formulation: comparing them is the study's point.
 PER_FORMULATION = ("odena",)
 # Flags each cell sets itself; --extra may not set them.
-CELL_FLAGS = ("--dataset", "--recipe", "--formulation", "--num-labels", "--seed", "--output-dir", "--resume",
+CELL_FLAGS = ("--dataset", "--recipe", "--formulation", "--num-labels", "--seed", "--output-dir", "--resume", "--overwrite",
               "--epochs", "--max-steps")
 PACKAGE_PARENT = Path(__file__).resolve().parents[1]  # so that the subprocesses import this same sgan
 
@@ -398,8 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     for i, (cell, state) in enumerate(zip(plan, states), 1):
         directory = cell.directory(study_dir)
         command = [sys.executable, "-m", "sgan.train", *cell.train_flags(study_dir, args.epochs, args.max_steps, extra)]
-        if state == "resume":
-            command += ["--resume", "latest"]
+        # a new cell's folder may hold a run that failed before its first checkpoint: start it again
+        command += ["--resume", "latest"] if state == "resume" else ["--overwrite"]
         prefix = f"[{i}/{len(plan)}] {directory.relative_to(study_dir)}"
         if args.dry_run:
             print(f"{prefix}: {state}" + ("" if state == "done" else f"\n    {shlex.join(command)}"))

@@ -12,10 +12,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,15 +29,19 @@ import yaml
 from . import batches, checkpoints, ops
 from .batches import StepBatches
 from .config import TrainConfig, parse_config
-from .data import DataError, DatasetInfo, dataset_info, load_split, parse_num_labels, select_labeled_indices
+from .data import DataError, is_builtin, open_source, parse_num_labels, split_labeled_pool, to_model_scale
+from .images import ImageError, ImageSource
 from .losses import class_logits
 from .models import build_discriminator, build_generator
 from .steps import EMA, Networks, StepBatch, StepSettings, d_step, g_step
 from .tracking import start_tracker, wandb_images
 
 
-def train(config: TrainConfig) -> dict:
+def train(config: TrainConfig, source: ImageSource | None = None) -> dict:
     """Train one run as configured and return its metrics (also written to OUTPUT_DIR/metrics.json).
+
+    `source` (an sgan.images.ImageSource, e.g. from sgan.images.from_arrays) trains on in-memory images
+    instead of --dataset.
 
     A run stopped by SIGTERM or SIGINT checkpoints, writes no metrics.json, and returns the same dict with
     "interrupted": True and "checkpoint" set. Raises ValueError, DataError, CheckpointError or
@@ -42,23 +49,27 @@ def train(config: TrainConfig) -> dict:
     config.validate()
     output_dir = Path(config.output_dir)
     accelerator = build_accelerator(config, output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
     rank, world_size, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     if config.sync_bn and device.type != "cuda":
         raise ValueError("--sync-bn synchronises BatchNorm across GPUs and needs CUDA; this run is on "
                          f"{device.type}: drop --sync-bn")
-    data = load_data(config, accelerator)
-    schedule = Schedule.of(config, len(data.train_images), world_size)
+    data = load_data(config, accelerator, source)  # before the output dir: bad data leaves no empty folder
+    claim_output_dir(config, output_dir, accelerator)
+    schedule = Schedule.of(config, len(data.unlabeled_rows), world_size)
     nets = build_networks(config, data, accelerator)
     settings = step_settings(config, ops.resolve_backend(config.loss_backend, device))
     progress = resume(config, accelerator, nets, data, schedule)
+    if progress.start_step == schedule.total_steps and (output_dir / "metrics.json").is_file():
+        accelerator.print(f"sgan: the run in {output_dir} has finished its {schedule.total_steps} steps already; "
+                          "nothing to do (raise --epochs or --max-steps to train on)")
+        return json.loads((output_dir / "metrics.json").read_text())
 
     if accelerator.is_main_process:
         (output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         (output_dir / "labeled_indices.json").write_text(json.dumps(
-            {"dataset": config.dataset, "seed": config.seed, "num_labels": len(data.labeled_indices),
-             "indices": data.labeled_indices.tolist()}))
+            {"dataset": data.source.name, "seed": config.seed, "num_labels": len(data.labeled_indices),
+             "class_names": list(data.source.class_names), "labeled_per_class": data.labeled_per_class(),
+             "indices": data.labeled_indices.tolist(), "validation_indices": data.validation_indices.tolist()}))
     tracking = start_tracker(accelerator, config, output_dir)
     accelerator.print(
         f"sgan: {config.recipe} recipe, {config.formulation}, {config.dataset} with {len(data.labeled_indices)} "
@@ -97,15 +108,16 @@ def train(config: TrainConfig) -> dict:
                 if tracking:
                     accelerator.log(values, step=done)
             if epoch_ends:
-                accuracy = classifier_accuracy(accelerator, nets.classifier, data.test_images, data.test_labels,
-                                               config.formulation, config.eval_batch_size)
+                scores = {f"{name}_accuracy": classifier_accuracy(accelerator, nets.classifier, *data.evaluation[name],
+                                                                  config.formulation, config.eval_batch_size)
+                          if name in data.evaluation else None for name in ("val", "test")}
                 epoch = done / schedule.steps_per_epoch
-                progress.history.append({"epoch": round(epoch, 4), "step": done, "test_accuracy": accuracy,
+                progress.history.append({"epoch": round(epoch, 4), "step": done, **scores,
                                          "wall_seconds": round(progress.wall_seconds(), 2)})
                 if accelerator.is_local_main_process:
-                    bar.write(f"epoch {epoch:.2f}/{schedule.epochs}  step {done}  test accuracy {accuracy:.4f}")
+                    bar.write(f"epoch {epoch:.2f}/{schedule.epochs}  step {done}  {format_scores(scores)}")
                 if tracking:
-                    log_evaluation(accelerator, config, nets.plain_g, output_dir, done, accuracy, epoch)
+                    log_evaluation(accelerator, config, nets.plain_g, output_dir, done, scores, epoch)
             if checkpoint_due:
                 save_checkpoint(done)
             if stop.requested(accelerator, collective=done % config.log_every == 0):
@@ -121,8 +133,8 @@ def train(config: TrainConfig) -> dict:
     write_outputs(accelerator, config, nets, output_dir, metrics)
     if tracking:
         accelerator.end_training()
-    accelerator.print(f"test accuracy {metrics['test_accuracy']:.4f} (error {100 * metrics['test_error']:.2f}%) "
-                      f"after {schedule.total_steps} steps, {metrics['wall_seconds']:.0f} s; outputs in {output_dir}")
+    accelerator.print(f"{format_scores(metrics)} after {schedule.total_steps} steps, {metrics['wall_seconds']:.0f} s; "
+                      f"outputs in {output_dir}")
     return metrics
 
 
@@ -149,53 +161,92 @@ def build_accelerator(config: TrainConfig, output_dir: Path):
 
 @dataclass
 class RunData:
-    """A run's images and the (seed, step, rank) batches it draws from them, on the training device (the test
-    set stays on the CPU and is moved per evaluation batch)."""
+    """A run's images and the (seed, step, rank) batches it draws from them. Images stay uint8 and become
+    floats in [-1, 1] per batch. They live on the training device, except memory-mapped ones (large datasets
+    from the decode cache), which stay on the CPU and are moved a batch at a time."""
 
-    info: DatasetInfo
-    train_images: torch.Tensor  # the unlabeled stream: the whole training set
-    labeled_indices: np.ndarray  # into the training set
-    labeled_images: torch.Tensor
+    source: ImageSource  # class names, image shape, and the splits as given
+    store: torch.device  # where the labeled pool and the unlabeled images live
+    labeled_indices: np.ndarray  # into the source's labeled pool
+    validation_indices: np.ndarray  # into the labeled pool: held out, never trained on
+    labeled_images: torch.Tensor  # uint8, on the training device
     labeled_labels: torch.Tensor
-    test_images: torch.Tensor
-    test_labels: torch.Tensor
+    unlabeled_images: torch.Tensor  # uint8: the source's unlabeled images, else its labeled pool
+    unlabeled_rows: torch.Tensor  # the rows of unlabeled_images in the unlabeled stream (not the validation ones)
+    evaluation: dict[str, tuple[torch.Tensor, torch.Tensor]]  # "val" and "test" (those there are): CPU uint8, labels
     labeled: StepBatches
     unlabeled: StepBatches | None  # None in the supervised recipe
     matching: StepBatches | None  # feature matching's real batches (salimans)
 
+    def unlabeled_batch(self, positions: torch.Tensor, device) -> torch.Tensor:
+        return to_model_scale(self.unlabeled_images[self.unlabeled_rows[positions]].to(device, non_blocking=True))
+
     def batch(self, step: int) -> StepBatch:
         picked = self.labeled.indices(step)
-        batch = StepBatch(self.labeled_images[picked], self.labeled_labels[picked])
+        device = self.labeled_images.device
+        batch = StepBatch(to_model_scale(self.labeled_images[picked]), self.labeled_labels[picked])
         if self.unlabeled is not None:
-            batch.unlabeled = self.train_images[self.unlabeled.indices(step)]
+            batch.unlabeled = self.unlabeled_batch(self.unlabeled.indices(step), device)
         if self.matching is not None:
-            batch.matching = self.train_images[self.matching.indices(step)]
+            batch.matching = self.unlabeled_batch(self.matching.indices(step), device)
         return batch
 
+    def labeled_per_class(self) -> dict[str, int]:
+        counts = np.bincount(self.labeled_labels.cpu().numpy(), minlength=len(self.source.class_names))
+        return dict(zip(self.source.class_names, counts.tolist()))
 
-def load_data(config: TrainConfig, accelerator) -> RunData:
-    """The training set on the device, the labeled subset chosen by --seed, and the test set.
+
+def load_data(config: TrainConfig, accelerator, source: ImageSource | None = None) -> RunData:
+    """The source's images (--dataset, or `source` given from Python), the validation set and the labeled
+    subset chosen by --seed, and the unlabeled stream.
 
     Every process gets equal-sized batches, so dividing each process's sums by its own row counts and letting
     DDP average the gradients equals normalising the global sums by the global counts."""
-    info = dataset_info(config.dataset)
     rank, world_size, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    with accelerator.main_process_first():  # the first process prepares the files, the others read them
-        train_images, train_labels = load_split(config.dataset, train=True, root=config.data_root)
-        test_images, test_labels = load_split(config.dataset, train=False, root=config.data_root)
-    labeled = select_labeled_indices(train_labels, parse_num_labels(config.num_labels), info.num_classes, config.seed)
+    if source is None:
+        with accelerator.main_process_first():  # the first process prepares or decodes, the others read
+            source = open_source(config.dataset, config.data_root, config.image_size, config.channels,
+                                 config.skip_bad_images)
+    builtin = source.name == config.dataset and is_builtin(config.dataset)
+    if config.val_size and source.val is not None:
+        raise ValueError(f"--val-size {config.val_size}: {source.name} has its own validation images; drop "
+                         "--val-size")
+    pool_labels = np.asarray(source.labeled.labels)
+    labeled, validation = split_labeled_pool(pool_labels, parse_num_labels(config.num_labels, builtin),
+                                             config.val_size, source.class_names, config.seed, builtin)
+    large = isinstance(source.labeled.images, np.memmap)
+    store = torch.device("cpu") if large else device
+    pool = as_tensor(source.labeled.images)
+    evaluation = {}
+    if len(validation):
+        evaluation["val"] = (pool[validation], torch.from_numpy(pool_labels[validation]))
+    for name, split in (("val", source.val), ("test", source.test)):
+        if split is not None:
+            evaluation[name] = (as_tensor(split.images), torch.from_numpy(np.asarray(split.labels)))
+    if source.unlabeled is not None:
+        unlabeled_images = as_tensor(source.unlabeled.images)
+        rows = torch.arange(len(unlabeled_images))
+    else:  # the labeled pool is the unlabeled stream too, less the validation images
+        unlabeled_images, rows = pool, torch.from_numpy(np.setdiff1d(np.arange(len(pool)), validation))
 
     def stream(size: int, batch_size: int, name: str) -> StepBatches:
-        return StepBatches(size, batch_size, config.seed, name, rank, world_size, device)
+        return StepBatches(size, batch_size, config.seed, name, rank, world_size, store)
 
     semi_supervised = config.recipe != "supervised"
     return RunData(
-        info, train_images.to(device), labeled, train_images[labeled].to(device), train_labels[labeled].to(device),
-        test_images, test_labels,
+        source, store, labeled, validation, pool[labeled].to(device), torch.from_numpy(pool_labels[labeled]).to(device),
+        unlabeled_images.to(store), rows.to(store), evaluation,
         labeled=stream(len(labeled), min(config.batch_size, len(labeled)), "labeled"),
-        unlabeled=stream(len(train_images), config.batch_size, "unlabeled") if semi_supervised else None,
+        unlabeled=stream(len(rows), config.batch_size, "unlabeled") if semi_supervised else None,
         # feature matching compares G's features with those of another unlabeled batch (as the paper's code)
-        matching=stream(len(train_images), config.batch_size, "matching") if config.recipe == "salimans" else None)
+        matching=stream(len(rows), config.batch_size, "matching") if config.recipe == "salimans" else None)
+
+
+def as_tensor(images) -> torch.Tensor:
+    """A uint8 array as a tensor without a copy (memory-mapped ones stay mapped)."""
+    with warnings.catch_warnings():  # read-only maps: torch warns that writing would fail; nothing writes
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.as_tensor(images) if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images))
 
 
 @dataclass(frozen=True)
@@ -219,7 +270,7 @@ def build_networks(config: TrainConfig, data: RunData, accelerator) -> Networks:
     """D, G (not in the supervised recipe), their Adam optimisers and D's moving average, prepared by
     accelerate: identical initial weights on every process, DDP-wrapped when there are several."""
     device = accelerator.device
-    spec = config.network_spec(data.info.image_shape, data.info.num_classes)
+    spec = config.network_spec(data.source.image_shape, len(data.source.class_names))
 
     def adam(network):  # the same optimiser settings for D and G
         return torch.optim.Adam(network.parameters(), lr=config.lr, betas=(config.beta1, 0.999), eps=config.adam_eps)
@@ -230,9 +281,9 @@ def build_networks(config: TrainConfig, data: RunData, accelerator) -> Networks:
     opt_d, opt_g = adam(discriminator), adam(generator) if generator is not None else None
     if hasattr(discriminator, "init_from_batch") and not config.resume:
         # data-dependent initialisation (Salimans): on the first global batch, identical on every process
-        first = StepBatches(len(data.train_images), config.batch_size, config.seed, "unlabeled", 0,
-                            accelerator.num_processes, device).indices(0)
-        discriminator.to(device).init_from_batch(data.train_images[first])
+        first = StepBatches(len(data.unlabeled_rows), config.batch_size, config.seed, "unlabeled", 0,
+                            accelerator.num_processes, data.store).indices(0)
+        discriminator.to(device).init_from_batch(data.unlabeled_batch(first, device))
         if hasattr(generator, "init_from_batch"):
             generator.to(device).init_from_batch(generator.sample_latent(config.batch_size, device))
     if config.sync_bn:
@@ -273,15 +324,25 @@ class Progress:
 
 
 def resume(config: TrainConfig, accelerator, nets: Networks, data: RunData, schedule: Schedule) -> Progress:
-    """A fresh Progress, or, with --resume, the checkpoint's models, optimisers, RNG states and history."""
+    """A fresh Progress, or, with --resume, the checkpoint's models, optimisers, RNG states and history.
+
+    With --resume latest, a damaged newest checkpoint falls back to the one before it, with a warning."""
     progress = Progress(checkpoints.fingerprint(config, accelerator.num_processes, data.labeled_indices))
     if not config.resume:
         return progress
-    path = checkpoints.find(config.resume, Path(config.output_dir))
-    state = checkpoints.read_state(path, progress.fingerprint)
-    checkpoints.load(accelerator, path)  # accelerate: every prepared model and optimiser, and the RNG states
+    candidates = checkpoints.find(config.resume, Path(config.output_dir))
+    for i, path in enumerate(candidates):
+        try:
+            state = checkpoints.read_state(path, progress.fingerprint)
+            checkpoints.load(accelerator, path)  # accelerate: every prepared model and optimiser, and RNG states
+            if nets.ema is not None:
+                nets.ema.module.load_state_dict(checkpoints.load_tensors(path, "ema"))
+            break
+        except checkpoints.CorruptCheckpoint as error:
+            if i + 1 == len(candidates):
+                raise
+            warnings.warn(f"{error}\nsgan: falling back to the checkpoint before it, {candidates[i + 1]}")
     if nets.ema is not None:
-        nets.ema.module.load_state_dict(checkpoints.load_tensors(path, "ema"))
         nets.ema.started = True
     if state["step"] > schedule.total_steps:
         raise checkpoints.CheckpointError(f"{path} is at step {state['step']}, past this run's "
@@ -290,6 +351,35 @@ def resume(config: TrainConfig, accelerator, nets: Networks, data: RunData, sche
     progress.wall_before, progress.last_checkpoint, progress.resumed_from = state.get("wall_seconds", 0.0), path, str(path)
     accelerator.print(f"sgan: resumed from {path} at step {progress.start_step}")
     return progress
+
+
+RUN_OUTPUTS = ("checkpoints", "model", "wandb", "sgan", "config.yaml", "labeled_indices.json", "metrics.json",
+               "samples.png")  # what a run writes into --output-dir (sgan/: TensorBoard's folder)
+
+
+def claim_output_dir(config: TrainConfig, output_dir: Path, accelerator) -> None:
+    """--output-dir must be a writable folder (made if missing) that holds no other run, unless the run resumes
+    it (--resume) or replaces it (--overwrite deletes the old run's outputs, and nothing else)."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output-dir {output_dir} is a file, not a folder: choose another --output-dir")
+    found = [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
+    if found and not config.resume and not config.overwrite:
+        raise ValueError(f"--output-dir {output_dir} holds a run already ({', '.join(found)}): continue it with "
+                         "--resume latest, start it again with --overwrite (deletes its checkpoints and outputs), "
+                         "or choose another --output-dir")
+    if not accelerator.is_main_process:
+        return
+    try:
+        if found and not config.resume:
+            for name in found:
+                target = output_dir / name
+                shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):  # writable? (an existing read-only folder is not)
+            pass
+    except OSError as error:
+        raise ValueError(f"--output-dir {output_dir}: cannot write there ({error.strerror or error}): choose a "
+                         "folder you can write to") from error
 
 
 def learning_rate(config: TrainConfig, step: int, schedule_steps: int) -> float:
@@ -345,7 +435,7 @@ def classifier_accuracy(accelerator, classifier, images, labels, formulation: st
     mine = torch.tensor(batches.shard(len(images), accelerator.process_index, accelerator.num_processes))
     correct = torch.zeros((), dtype=torch.long, device=accelerator.device)
     for chunk in mine.split(batch_size):
-        x, y = images[chunk].to(accelerator.device), labels[chunk].to(accelerator.device)
+        x, y = to_model_scale(images[chunk].to(accelerator.device)), labels[chunk].to(accelerator.device)
         correct += (class_logits(classifier(x), formulation).argmax(dim=1) == y).sum()
     classifier.train()
     return int(accelerator.reduce(correct, reduction="sum")) / len(images)
@@ -353,15 +443,22 @@ def classifier_accuracy(accelerator, classifier, images, labels, formulation: st
 
 def run_metrics(config: TrainConfig, data: RunData, schedule: Schedule, progress: Progress, settings: StepSettings,
                 world_size: int, steps: int, interrupted: bool = False) -> dict:
-    """metrics.json: the final test accuracy, what ran, its speed, and the per-epoch history."""
-    accuracy = progress.history[-1]["test_accuracy"] if progress.history else None
+    """metrics.json: the final validation and test accuracy (None without that split), what ran, its speed,
+    and the per-epoch history."""
+    last = progress.history[-1] if progress.history else {}
+    accuracy = last.get("test_accuracy")
     labeled_batch = data.labeled.batch_size
     real_per_step = (labeled_batch + (config.batch_size if data.unlabeled is not None else 0)) * world_size
     seconds_here = max(time.perf_counter() - progress.started, 1e-9)
     return {
+        "val_accuracy": last.get("val_accuracy"),
         "test_accuracy": accuracy,
         "test_error": None if accuracy is None else 1.0 - accuracy,
         "num_labels": len(data.labeled_indices),
+        "num_val": len(data.evaluation["val"][1]) if "val" in data.evaluation else 0,
+        "class_names": list(data.source.class_names),
+        "image_shape": list(data.source.image_shape),  # (channels, height, width) the networks take
+        "labeled_per_class": data.labeled_per_class(),
         "dataset": config.dataset,
         "recipe": config.recipe,
         "formulation": config.formulation,
@@ -384,15 +481,20 @@ def run_metrics(config: TrainConfig, data: RunData, schedule: Schedule, progress
 
 def write_outputs(accelerator, config: TrainConfig, nets: Networks, output_dir: Path, metrics: dict) -> None:
     """model/discriminator.safetensors (the evaluated classifier: D's moving average when there is one),
-    model/generator.safetensors, samples.png and metrics.json, from the main process."""
+    model/generator.safetensors, samples.png and metrics.json, from the main process.
+
+    Each weights file carries what it was trained on in its metadata (safetensors strings): the run's
+    config, the class names and the image shape, so that a classifier file describes itself."""
     from safetensors.torch import save_file
 
     if accelerator.is_main_process:
         (output_dir / "model").mkdir(exist_ok=True)
+        about = {"sgan_config": json.dumps(config.to_dict()), "class_names": json.dumps(metrics["class_names"]),
+                 "image_shape": json.dumps(list(metrics["image_shape"])), "dataset": config.dataset}
         for name, network in {"discriminator": nets.classifier, "generator": nets.plain_g}.items():
             if network is not None:
                 state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
-                save_file(state, str(output_dir / "model" / f"{name}.safetensors"))
+                save_file(state, str(output_dir / "model" / f"{name}.safetensors"), metadata=about)
         if nets.plain_g is not None:
             save_sample_grid(nets.plain_g, output_dir / "samples.png", accelerator.device, config.seed)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -414,11 +516,18 @@ def save_sample_grid(generator, path: Path, device, seed: int, rows: int = 10) -
     save_image(images, path, nrow=rows, normalize=True, value_range=(-1, 1))
 
 
-def log_evaluation(accelerator, config, plain_g, output_dir: Path, step: int, accuracy: float, epoch: float):
-    """Test accuracy to the tracker, and on W&B the current sample grid too (main process only).
+def format_scores(scores: dict) -> str:
+    """"val accuracy 0.9512  test accuracy 0.9498" from {"val_accuracy": ..., "test_accuracy": ...}."""
+    shown = [f"{name} accuracy {scores[f'{name}_accuracy']:.4f}" for name in ("val", "test")
+             if scores.get(f"{name}_accuracy") is not None]
+    return "  ".join(shown) or "no validation or test images to score"
+
+
+def log_evaluation(accelerator, config, plain_g, output_dir: Path, step: int, scores: dict, epoch: float):
+    """Validation and test accuracy to the tracker, and on W&B the current sample grid too (main process only).
 
     plain_g is the unwrapped G (or None): sampling needs no DDP wrapper."""
-    values = {"test_accuracy": accuracy, "epoch": epoch}
+    values = {**{k: v for k, v in scores.items() if v is not None}, "epoch": epoch}
     if plain_g is not None and accelerator.is_main_process:
         path = output_dir / "samples.png"
         save_sample_grid(plain_g, path, accelerator.device, config.seed)
@@ -477,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
     try:
         train(config)
-    except (ValueError, FloatingPointError, DataError, checkpoints.CheckpointError) as error:  # bad input: a message, not a traceback
+    except (ValueError, FloatingPointError, DataError, ImageError, checkpoints.CheckpointError) as error:  # bad input: a message
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -1,6 +1,7 @@
 """Checkpoints: exact resume, untrusted or mismatched checkpoints, pruning, signals, faults, precision."""
 import json
 import signal
+from pathlib import Path
 import subprocess
 import sys
 import time
@@ -134,20 +135,36 @@ def test_sync_bn_on_cpu_is_a_clear_error(tmp_path, mnist_root, capsys):
     assert "--sync-bn" in capsys.readouterr().err
 
 
+def wait_for_line(process, prefix: str, seconds: float = 300) -> list[str]:
+    """Read the process's stdout until a line starts with prefix; fail after `seconds` (a reader thread, so
+    a silent process cannot hang the test). Returns the list the thread keeps appending every line to."""
+    import threading
+
+    lines = []
+    reader = threading.Thread(target=lambda: [lines.append(line) for line in process.stdout], daemon=True)
+    reader.start()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        if any(line.startswith(prefix) for line in lines):
+            return lines
+        time.sleep(0.2)
+    pytest.fail(f"no line starting with {prefix!r} within {seconds} s (exit code {process.poll()})")
+
+
 def test_sigterm_checkpoints_then_exits_cleanly(tmp_path, mnist_root):
     out = tmp_path / "signalled"
     command = [sys.executable, str(REPO / "launch" / "train.py"), *flags(out, mnist_root, "--max-steps", "100000",
                                                                         "--checkpoint-every", "0")]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
-        for line in process.stdout:  # wait until the loop has started
-            if line.startswith("sgan: odena recipe"):
-                break
+        lines = wait_for_line(process, "sgan: odena recipe")  # the loop has started
         time.sleep(3)
         process.send_signal(signal.SIGTERM)
-        stdout, stderr = process.communicate(timeout=120)
+        process.wait(timeout=120)
+        time.sleep(0.5)  # the reader thread takes the last lines
     finally:
         process.kill()
+    stdout, stderr = "".join(lines), process.stderr.read()
     assert process.returncode == 0, stderr[-2000:]
     assert "stopped by a signal" in stdout
     saved = list((out / "checkpoints").glob("step_*/trainer_state.json"))
@@ -156,3 +173,107 @@ def test_sigterm_checkpoints_then_exits_cleanly(tmp_path, mnist_root):
     assert step >= 1
     metrics = train(parse_config(flags(out, mnist_root, "--max-steps", str(step + 2), "--resume", "latest")))
     assert metrics["steps"] == step + 2
+
+
+# ------------------------------------------------------------------------------- faults found as a user would
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, mnist_root):
+    out = tmp_path / "run"
+    train(parse_config(flags(out, mnist_root, "--max-steps", "4", "--checkpoint-every", "2", "--recipe", "supervised")))
+    (out / "metrics.json").unlink()  # as if the run had been killed after its last checkpoint
+    newest = out / "checkpoints" / "step_00000004" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="falling back to the checkpoint before it.*step_00000002"):
+        metrics = train(parse_config(flags(out, mnist_root, "--max-steps", "4", "--recipe", "supervised",
+                                           "--resume", "latest")))
+    assert metrics["resumed_from"].endswith("step_00000002") and metrics["steps"] == 4
+
+
+def test_damaged_random_states_are_an_error_not_skipped(tmp_path, checkpointed, mnist_root, capsys):
+    copy, run = resume_error(tmp_path, checkpointed, mnist_root, capsys)
+    (copy / "checkpoints" / "step_00000002" / "random_states_0.pkl").write_bytes(b"\x80\x04not a pickle")
+    code, err = run()
+    assert code == 1 and "random_states_0.pkl: cannot read it" in err
+
+
+def test_foreign_random_states_are_an_error(tmp_path, checkpointed, mnist_root, capsys):
+    copy, run = resume_error(tmp_path, checkpointed, mnist_root, capsys)
+    torch.save({"something": 1}, copy / "checkpoints" / "step_00000002" / "random_states_0.pkl")
+    code, err = run()
+    assert code == 1 and "not the random states accelerate writes" in err
+
+
+def test_a_new_run_into_a_run_folder_is_refused_or_overwritten(tmp_path, mnist_root, capsys):
+    out = tmp_path / "run"
+    first = flags(out, mnist_root, "--max-steps", "3", "--checkpoint-every", "2", "--recipe", "supervised")
+    train(parse_config(first))
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert main(flags(out, mnist_root, "--max-steps", "2", "--recipe", "supervised")) == 1
+    err = capsys.readouterr().err
+    assert "holds a run already" in err and "--resume latest" in err and "--overwrite" in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before  # nothing of the old run deleted
+    (out / "notes.txt").write_text("mine")
+    metrics = train(parse_config(flags(out, mnist_root, "--max-steps", "2", "--recipe", "supervised", "--overwrite")))
+    assert metrics["steps"] == 2 and not metrics["resumed_from"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002"]  # the old run's are gone
+    assert (out / "notes.txt").read_text() == "mine"  # only a run's own outputs are deleted
+
+
+def test_an_output_dir_that_is_a_file_or_unwritable_is_a_message(tmp_path, mnist_root, capsys):
+    (tmp_path / "file").write_text("x")
+    assert main(flags(tmp_path / "file", mnist_root, "--max-steps", "1")) == 1
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert main(flags(tmp_path / "file" / "below", mnist_root, "--max-steps", "1")) == 1
+    assert "cannot write there" in capsys.readouterr().err
+
+
+def test_too_many_labels_fail_before_anything_is_written(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(["--num-labels", "70000", "--output-dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "more than mnist's 60000 training images" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, checkpointed, mnist_root, capsys):
+    import shutil
+
+    copy = tmp_path / "finished"
+    shutil.copytree(checkpointed, copy)
+    written = (copy / "metrics.json").read_text()
+    metrics = train(parse_config(flags(copy, mnist_root, "--max-steps", "2", "--recipe", "supervised", "--resume",
+                                       "latest")))
+    assert "has finished its 2 steps already" in capsys.readouterr().out
+    assert (copy / "metrics.json").read_text() == written and metrics == json.loads(written)
+
+
+def test_sigterm_to_the_launcher_stops_the_training_process_too(tmp_path, mnist_root):
+    """A one-process `accelerate launch` dies of SIGTERM without passing it on; the training process must not
+    go on as an orphan: it gets SIGTERM when its parent dies, checkpoints and exits."""
+    out = tmp_path / "orphan"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "launch" / "train.py"),
+               *flags(out, mnist_root, "--max-steps", "100000", "--checkpoint-every", "0")]
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO)
+    try:
+        wait_for_line(launcher, "sgan: odena recipe")
+        (child,) = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and parent_of(p) == launcher.pid]
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=60)
+        deadline = time.monotonic() + 120
+        while Path(f"/proc/{child}").exists() and parent_of(Path(f"/proc/{child}")) is not None \
+                and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not Path(f"/proc/{child}").exists() or parent_of(Path(f"/proc/{child}")) is None, "orphan still running"
+    finally:
+        launcher.kill()
+    assert list((out / "checkpoints").glob("step_*/trainer_state.json")), "the stopped run checkpointed"
+
+
+def parent_of(proc: Path) -> int | None:
+    """The parent pid of /proc/PID, or None once it is gone (or a zombie)."""
+    try:
+        fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else int(fields[1])

@@ -249,3 +249,29 @@ def test_the_old_seed_recipe_name_in_a_config_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_config(["--config", str(config_file)])
     assert "--recipe seed is now --recipe odena" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, message", [
+    ("max_steps: 2.5\n", "max_steps: 2.5 is not a whole number"),
+    ("batch_size: 50.5\n", "batch_size: 50.5 is not a whole number"),
+    ("lr: null\n", "lr: null is not a number"),
+    ("seed: 1.5\n", "seed: 1.5 is not a whole number"),
+    ("epochs: 1.5\n", "epochs: 1.5 is not a whole number"),
+    ("checkpoint_every: true\n", "checkpoint_every: true is not a whole number"),
+    ("cpu: 1\n", "cpu: 1 is not true or false"),
+])
+def test_yaml_values_of_the_wrong_type_exit_2_naming_the_key(tmp_path, capsys, text, message):
+    config_file = tmp_path / "typed.yaml"
+    config_file.write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(["--config", str(config_file)])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_yaml_values_of_the_right_type_are_kept(tmp_path):
+    config_file = tmp_path / "typed.yaml"
+    config_file.write_text("num_labels: 50\nlr: 1\nmax_steps: null\ncpu: true\n")
+    config = parse_config(["--config", str(config_file)])
+    assert (config.num_labels, config.lr, config.max_steps, config.cpu) == ("50", 1.0, None, True)
+    assert isinstance(config.lr, float)

@@ -1,0 +1,131 @@
+"""Training on your own images: a folder, an npz file or in-memory arrays, with validation and test splits."""
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sgan.config import parse_config
+from sgan.data import choose_validation, split_labeled_pool, stratified_counts
+from sgan.images import from_arrays
+from sgan.train import main, train
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ("cat", "dog house", "éclair")  # spaces and unicode in class names
+LABELED = {"cat": 2, "dog house": 5, "éclair": 3}  # unbalanced
+
+
+def draw(label: int, rng) -> np.ndarray:
+    """A 20x24 RGB image whose class shows in its colour, so that a few steps can learn something."""
+    image = rng.integers(0, 60, size=(20, 24, 3), dtype=np.uint8)
+    image[..., label] += 150
+    return image
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("own") / "photos"
+    rng = np.random.default_rng(0)
+    for split, per_class in (("labeled", LABELED), ("val", dict.fromkeys(CLASSES, 4)), ("test", dict.fromkeys(CLASSES, 6))):
+        for c, name in enumerate(CLASSES):
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_class[name]):
+                Image.fromarray(draw(c, rng)).save(root / split / name / f"{i}.{'png' if i % 2 else 'jpg'}")
+    for i in range(40):
+        (root / "unlabeled" / f"batch{i % 3}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(draw(i % 3, rng)).save(root / "unlabeled" / f"batch{i % 3}" / f"{i}.png")
+    return root
+
+
+def flags(out, *extra):
+    return ["--tracker", "none", "--cpu", "--output-dir", str(out), "--batch-size", "8", *map(str, extra)]
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SGAN_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_a_folder_trains_end_to_end_with_validation_and_test(tmp_path, folder):
+    out = tmp_path / "run"
+    assert main(flags(out, "--dataset", f"folder:{folder}", "--image-size", "32", "--max-steps", "4")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["class_names"] == sorted(CLASSES)
+    assert metrics["labeled_per_class"] == {name: LABELED[name] for name in sorted(CLASSES)}  # all, by default
+    assert metrics["num_labels"] == 10 and metrics["num_val"] == 12
+    assert 0 <= metrics["val_accuracy"] <= 1 and 0 <= metrics["test_accuracy"] <= 1
+    assert set(metrics["history"][-1]) >= {"val_accuracy", "test_accuracy"}
+    labeled = json.loads((out / "labeled_indices.json").read_text())
+    assert labeled["class_names"] == sorted(CLASSES) and len(labeled["indices"]) == 10
+    from sgan.evaluate import main as evaluate_main
+
+    assert evaluate_main([str(out), "--cpu", "--out", str(tmp_path / "eval")]) == 0  # rebuilt from config.yaml
+    evaluated = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert evaluated["num_images"] == 18
+    assert round(evaluated["test_accuracy"] * 18) == round(metrics["test_accuracy"] * 18)  # the same images right
+
+
+def test_num_labels_takes_a_stratified_subset_of_a_folder(tmp_path, folder):
+    metrics = train(parse_config(flags(tmp_path / "run", "--dataset", f"folder:{folder}", "--image-size", "32",
+                                       "--max-steps", "1", "--num-labels", "6", "--recipe", "supervised")))
+    assert metrics["num_labels"] == 6
+    assert all(count >= 1 for count in metrics["labeled_per_class"].values())  # every class keeps an image
+    assert metrics["labeled_per_class"]["dog house"] >= metrics["labeled_per_class"]["cat"]  # in proportion
+
+
+def test_in_memory_arrays_train_without_validation(tmp_path):
+    rng = np.random.default_rng(1)
+    labels = np.arange(12) % 3
+    images = np.stack([draw(c, rng) for c in labels]).transpose(0, 3, 1, 2)[:, :, :16, :16]
+    source = from_arrays(torch.from_numpy(images), torch.from_numpy(labels), images.repeat(2, axis=0),
+                         x_test=images, y_test=labels)
+    metrics = train(parse_config(flags(tmp_path / "run", "--max-steps", "2", "--recipe", "supervised",
+                                       "--image-size", "16")), source)
+    assert metrics["val_accuracy"] is None and metrics["num_val"] == 0
+    assert metrics["test_accuracy"] is not None and metrics["num_labels"] == 12
+
+
+def test_the_readme_python_example_runs(tmp_path, monkeypatch):
+    readme = (REPO / "README.md").read_text()
+    example = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "from_arrays" in block)
+    rng = np.random.default_rng(2)
+    labels = np.arange(30) % 3
+    images = np.stack([draw(c, rng) for c in labels]).transpose(0, 3, 1, 2)[:, :, :16, :16].copy()
+    monkeypatch.chdir(tmp_path)
+    namespace = {"x_labeled": images, "y_labeled": labels, "x_unlabeled": images, "x_test": images, "y_test": labels}
+    example = example.replace('"--epochs", "5"', '"--max-steps", "2", "--batch-size", "10", "--image-size", "16"')
+    exec(compile(example, "README.md", "exec"), namespace)
+    assert namespace["metrics"]["steps"] == 2 and (tmp_path / "runs" / "arrays" / "metrics.json").is_file()
+
+
+def test_validation_is_held_out_of_the_labeled_subset_and_the_unlabeled_stream(tmp_path, mnist_root):
+    from accelerate import Accelerator
+
+    from sgan.train import load_data
+
+    config = parse_config(["--val-size", "500", "--num-labels", "100", "--cpu", "--data-root", str(mnist_root)])
+    data = load_data(config, Accelerator(cpu=True))
+    validation = data.validation_indices
+    assert len(validation) == 500 and len(data.evaluation["val"][1]) == 500
+    assert np.bincount(data.evaluation["val"][1].numpy(), minlength=10).tolist() == [50] * 10  # class-balanced
+    assert not set(validation) & set(data.labeled_indices)
+    assert not set(validation) & set(data.unlabeled_rows.tolist())
+    assert len(data.unlabeled_rows) == 60000 - 500
+    # without --val-size, the same labeled subset as always (published runs depend on it)
+    plain = split_labeled_pool(data.source.labeled.labels, 100, 0, data.source.class_names, 0, builtin=True)[0]
+    from sgan.data import select_labeled_indices
+
+    assert np.array_equal(plain, select_labeled_indices(data.source.labeled.labels, 100, 10, 0))
+
+
+def test_label_and_validation_budgets_that_cannot_be_met_say_why():
+    with pytest.raises(ValueError, match="fewer than the 3 classes"):
+        stratified_counts([5, 5, 5], 2, "--num-labels", CLASSES)
+    with pytest.raises(ValueError, match="more than the 15 labeled images"):
+        stratified_counts([5, 5, 5], 16, "--num-labels", CLASSES)
+    assert stratified_counts([1, 10, 100], 10, "--num-labels", CLASSES).tolist() == [1, 1, 8]
+    with pytest.raises(ValueError, match="class 'cat', which has 2"):
+        choose_validation(np.array([0, 0, 1, 1, 1, 2, 2, 2]), 6, 3, 0, CLASSES)
