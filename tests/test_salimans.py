@@ -13,13 +13,15 @@ from sgan.train import train
 def test_recipe_defaults_sit_below_config_files_and_flags(tmp_path):
     config = parse_config(["--recipe", "salimans"])
     assert (config.lr, config.beta1, config.adam_eps, config.formulation, config.real_rows, config.ema_decay,
-            config.lr_decay, config.g_clip_norm) == (0.003, 0.5, 1e-4, "k-logit", "unlabeled", 0.999, "none", 10.0)
+            config.lr_decay, config.g_clip_norm, config.epochs) == (0.003, 0.5, 1e-4, "k-logit", "unlabeled", 0.999, "none",
+                                                                    10.0, 20)
     assert parse_config(["--recipe", "salimans", "--lr", "0.001"]).lr == 0.001
     file = tmp_path / "s.yaml"
     file.write_text("recipe: salimans\nema_decay: 0.99\n")
     from_file = parse_config(["--config", str(file)])
     assert from_file.recipe == "salimans" and from_file.ema_decay == 0.99 and from_file.lr == 0.003
-    assert parse_config([]).lr == 2e-4  # the odena recipe keeps its own defaults
+    assert parse_config([]).lr == 2e-4 and parse_config([]).epochs == 1  # the odena recipe keeps its own defaults
+    assert parse_config(["--recipe", "salimans", "--epochs", "3"]).epochs == 3
 
 
 def test_weight_norm_data_dependent_init_standardises_outputs():
