@@ -161,6 +161,32 @@ def _decode_file(task: tuple[str, int | None, int]) -> _Decoded:
     return _Decoded(pixels, _has_colour(pixels), size, mode, None)
 
 
+def load_image(image, image_size: int, channels: int) -> np.ndarray:
+    """One image file (a path) or PIL image as uint8 [channels, image_size, image_size], decoded and fitted
+    exactly as a folder's images are for training (the module's rules). ImageError, naming the file, when it
+    cannot be decoded.
+
+    A path gives the very pixels training saw. A PIL image gets the same orientation and fitting, but PIL has
+    decoded it already: a JPEG more than twice the size (which a path decodes at a reduced scale) may then
+    differ by a few levels."""
+    _check_settings(image_size, channels, required_size=True)
+    if channels is None:
+        raise ImageError("channels must be 1 (grey) or 3 (RGB): the classifier's image shape says which")
+    if isinstance(image, Image.Image):
+        try:
+            pixels = _fit(ImageOps.exif_transpose(image), image_size, channels)  # a copy: the caller's image stays
+        except Exception as error:  # PIL raises many types for images it cannot convert
+            raise ImageError(f"a PIL image ({image.mode}, {image.width}x{image.height}) cannot be converted to "
+                             f"{channels} channel(s): {type(error).__name__}: {error}") from None
+    else:
+        path = os.fspath(image)
+        decoded = _decode_file((path, image_size, channels))
+        if decoded.error:
+            raise ImageError(f"{path}: not a readable image ({decoded.error}); PNG, JPEG, BMP, WebP and GIF are read")
+        pixels = decoded.pixels
+    return np.array(pixels)  # a writable copy: PIL's pixels are read-only
+
+
 def _parallel_map(func, tasks: list, workers: int | None, desc: str, progress: bool):
     """func over tasks, results in order: in a process pool of `workers` (default: the CPU count), or in this
     process when workers is 1; with a tqdm bar."""
