@@ -9,7 +9,7 @@ LAUNCH_ARGS ?= --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_
 # Flags for pytest, e.g. make test PYTEST_ARGS="-m slow"
 PYTEST_ARGS ?=
 
-.PHONY: setup train test test-all cuda-check benchmark benchmark-training study docs clean
+.PHONY: setup train test test-all cuda-check gpu-check benchmark benchmark-training study docs clean
 
 setup: $(VENV)/.installed data/MNIST/raw/.prepared
 
@@ -39,6 +39,16 @@ test-all: setup
 # Compile the CUDA kernel without a GPU and check the library holds device code (CI runs this).
 cuda-check: setup
 	$(PY) -m sgan._build cuda-check
+
+# The whole CUDA path on a machine with a GPU (docs/fused-op.md): the interpreter and torch already there, no
+# setup, pip or network. GPU_PYTHON=/path/to/python picks one (default: python3 if it has torch, else .venv's);
+# flags in ARGS, e.g. make gpu-check ARGS="--require-training". Writes gpu_check.json; "no GPU" exits 0.
+gpu-check:
+	@python="$(GPU_PYTHON)"; \
+	if [ -z "$$python" ]; then python=python3; $$python -c "import torch" 2>/dev/null || { [ -x $(PY) ] && python=$(PY); }; fi; \
+	$$python -c "import torch" || { echo "gpu-check: $$python cannot import torch: set GPU_PYTHON=/path/to/python"; exit 1; }; \
+	echo "gpu-check: $$python"; \
+	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $$python -m sgan.gpu_check $(ARGS)
 
 # The fused loss op against eager PyTorch, torch.compile and the memory-bandwidth floor.
 benchmark: setup
