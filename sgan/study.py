@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from . import config as sgan_config
 from .checkpoints import complete_checkpoints
-from .data import DATASETS, dataset_info, parse_num_labels
+from .data import DATASETS, check_dataset, dataset_info, is_builtin, parse_num_labels
 from .losses import FORMULATIONS
 
 DEFAULT_LABELS = {"mnist": ("20", "50", "100", "1000", "30000"), "fashion-mnist": ("100", "1000")}
@@ -42,6 +43,16 @@ PER_FORMULATION = ("odena",)
 CELL_FLAGS = ("--dataset", "--recipe", "--formulation", "--num-labels", "--seed", "--output-dir", "--resume", "--overwrite",
               "--epochs", "--max-steps")
 PACKAGE_PARENT = Path(__file__).resolve().parents[1]  # so that the subprocesses import this same sgan
+
+
+def dataset_folder_name(dataset: str) -> str:
+    """A built-in dataset's name; for folder:PATH or npz:FILE, the kind, the file's name and a hash of the
+    whole spec (two folders of the same name stay apart)."""
+    if is_builtin(dataset):
+        return dataset
+    kind, _, path = dataset.partition(":")
+    digest = hashlib.sha256(dataset.encode()).hexdigest()[:8]
+    return f"{kind}-{Path(path).name or 'root'}-{digest}"
 
 
 @dataclass(frozen=True)
@@ -57,7 +68,9 @@ class Cell:
         return self.recipe + (f"-{self.formulation}" if self.formulation else "")
 
     def directory(self, study_dir: Path) -> Path:
-        return study_dir / "runs" / self.dataset / self.variant / f"labels-{self.num_labels}" / f"seed-{self.seed}"
+        return (study_dir / "runs" / dataset_folder_name(self.dataset) / self.variant / f"labels-{self.num_labels}"
+                / f"seed-{self.seed}")
+
 
     def train_flags(self, study_dir: Path, epochs: int | None, max_steps: int | None, extra: list[str]) -> list[str]:
         flags = ["--dataset", self.dataset, "--recipe", self.recipe, "--num-labels", self.num_labels,
@@ -111,14 +124,16 @@ def parse_labels(specs: list[str]) -> dict[str, list[str]]:
     """['mnist=20,50', 'fashion-mnist=100'] -> {dataset: [budgets]}, each budget checked as train checks it."""
     budgets = {}
     for spec in specs:
-        dataset, equals, values = spec.partition("=")
-        if not equals or not values.strip():
+        dataset, equals, values = spec.rpartition("=")  # the last '=': a folder's path may hold one
+        if not equals or not dataset or not values.strip():
             raise ValueError(f"--labels: expected DATASET=N,N,... (e.g. mnist=20,100), got {spec!r}")
-        if dataset not in DATASETS:
-            raise ValueError(f"--labels: unknown dataset {dataset!r} in {spec!r}; choose from {', '.join(DATASETS)}")
+        try:
+            check_dataset(dataset)
+        except ValueError as error:
+            raise ValueError(f"--labels: {error}") from None
         if dataset in budgets:
             raise ValueError(f"--labels: {dataset} given twice; list all its budgets once, e.g. {dataset}=20,100")
-        k = dataset_info(dataset).num_classes
+        k = dataset_info(dataset).num_classes if is_builtin(dataset) else 1  # your own images: any number
         budgets[dataset] = []
         for value in values.split(","):
             value = value.strip().lower()
@@ -143,6 +158,7 @@ def make_plan(datasets: list[str] | None, labels: dict[str, list[str]], variants
         raise ValueError(f"--labels names {', '.join(stray)}, which --datasets ({', '.join(datasets)}) leaves out")
     budgets = {}
     for dataset in datasets:
+        check_dataset(dataset)
         if dataset not in labels and dataset not in DEFAULT_LABELS:
             raise ValueError(f"no default label budgets for {dataset}: give them with --labels {dataset}=N,N,...")
         budgets[dataset] = labels.get(dataset, DEFAULT_LABELS.get(dataset))
@@ -323,8 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study-dir", type=Path, default=Path("runs/study"),
                         help="where the runs and the results go (default: runs/study)")
-    parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=None,
-                        help="datasets to run (default: those named by --labels, else "
+    parser.add_argument("--datasets", nargs="+", default=None,
+                        help="built-in datasets, folder:PATH or npz:FILE to run (default: those named by --labels, else "
                              f"{' '.join(DEFAULT_LABELS)})")
     parser.add_argument("--labels", nargs="+", default=[], metavar="DATASET=N,N",
                         help="label budgets per dataset, e.g. mnist=20,100 fashion-mnist=100 ('all' for every label; "

@@ -119,3 +119,26 @@ def test_adam_eps_reaches_both_optimisers(tmp_path, mnist_root):
     for name in ("optimizer.bin", "optimizer_1.bin"):  # D's, then G's
         state = torch.load(checkpoint / name, weights_only=True)
         assert [group["eps"] for group in state["param_groups"]] == [1e-4]
+
+
+def test_the_saved_and_evaluated_classifier_is_the_moving_average(tmp_path, mnist_root):
+    """metrics.json's accuracy and model/discriminator.safetensors are D's EMA, which differs from the raw D."""
+    from safetensors.torch import load_file
+
+    from sgan.data import load_split
+    from sgan.models import SalimansDiscriminator
+
+    out = tmp_path / "ema"
+    metrics = train(parse_config(["--recipe", "salimans", "--max-steps", "30", "--tracker", "none", "--cpu",
+                                  "--output-dir", str(out), "--data-root", str(mnist_root), "--batch-size", "50"]))
+    saved = load_file(str(out / "model" / "discriminator.safetensors"))
+    checkpoint = out / "checkpoints" / "step_00000030"
+    ema, raw = load_file(str(checkpoint / "ema.safetensors")), load_file(str(checkpoint / "model.safetensors"))
+    assert all(torch.equal(saved[k], ema[k]) for k in saved)
+    assert any(not torch.equal(saved[k], raw[k]) for k in saved)
+    model = SalimansDiscriminator(10, "k-logit").eval()
+    model.load_state_dict(saved)
+    images, labels = load_split("mnist", train=False, root=mnist_root)
+    with torch.no_grad():
+        correct = int((model(images).argmax(1) == labels).sum())
+    assert correct == round(metrics["test_accuracy"] * 10000)  # the very images the run scored right

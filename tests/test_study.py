@@ -61,7 +61,8 @@ def test_a_new_recipe_joins_the_default_plan(monkeypatch):
     (["--labels", "mnist=105"], "not a multiple of the 10 classes"),
     (["--labels", "mnist"], "expected DATASET=N,N"),
     (["--labels", "mnist=20,lots"], "'lots' in 'mnist=20,lots' is not a positive integer"),
-    (["--labels", "cifar=100"], "unknown dataset 'cifar'"),
+    (["--labels", "cifar=100"], "--dataset 'cifar': use a built-in dataset"),
+    (["--datasets", "mnst"], "--dataset 'mnst': use a built-in dataset"),
     (["--labels", "mnist=20", "mnist=50"], "mnist given twice"),
     (["--datasets", "mnist", "--labels", "fashion-mnist=100"], "--labels names fashion-mnist"),
     (["--recipes", "gan"], "unknown recipe 'gan'; this version has odena, supervised"),
@@ -183,3 +184,12 @@ def test_parallel_runs_get_a_share_of_the_cores_unless_the_user_set_threads(tmp_
     monkeypatch.setenv("OMP_NUM_THREADS", "5")
     assert run_cell(show, tmp_path / "b.log", threads=3) == 0
     assert last_line(tmp_path / "b.log") == "threads 5"
+
+
+def test_a_study_of_your_own_images(tmp_path):
+    plan = plan_of(tmp_path, "--labels", "folder:/data/my=photos=5,all", "--recipes", "supervised", "--seeds", "0")
+    assert [(c.dataset, c.num_labels) for c in plan] == [("folder:/data/my=photos", "5"), ("folder:/data/my=photos", "all")]
+    folder = plan[0].directory(tmp_path).relative_to(tmp_path / "runs").parts[0]
+    assert folder.startswith("folder-my=photos-") and "/" not in folder  # one folder per source, inside the study
+    assert plan_of(tmp_path, "--labels", "folder:/other/my=photos=5", "--recipes", "supervised", "--seeds", "0")[0] \
+        .directory(tmp_path) != plan[0].directory(tmp_path)  # same name, another folder
