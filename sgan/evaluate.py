@@ -2,8 +2,11 @@
 
     python -m sgan.evaluate runs/mnist-100                              # a finished run's --output-dir
     python -m sgan.evaluate runs/mnist-100/checkpoints/step_00000500    # one of its checkpoints
+    python -m sgan.evaluate runs/mnist-100 --dataset folder:new-digits  # any labeled source with its classes
 
 Nothing loaded executes code: the configuration is read with yaml.safe_load, the weights from safetensors.
+The weights' own record of what they were trained on (a run's weights file carries it in its metadata, a
+checkpoint in trainer_state.json) must agree with config.yaml, and a --dataset must have the same classes.
 Writes evaluation.json, confusion_matrix.png and (when there is a generator) evaluation_samples.png into
 --out (default: PATH itself, so evaluating a checkpoint never overwrites the run's own evaluation).
 """
@@ -20,7 +23,7 @@ import torch
 
 from .checkpoints import STATE_FILE
 from .config import TrainConfig, load_yaml_config
-from .data import DataError, open_source, to_model_scale
+from .data import DATASETS, DEFAULT_IMAGE_SIZE, DataError, is_builtin, open_source, to_model_scale
 from .images import ImageError
 from .losses import class_logits
 from .models import build_discriminator, build_generator
@@ -28,6 +31,8 @@ from .models import build_discriminator, build_generator
 RUN_WEIGHTS = ("model/discriminator.safetensors", "model/generator.safetensors")
 # accelerate's save_state names the prepared models in order: train.py prepares D first, then G.
 CHECKPOINT_WEIGHTS = ("model.safetensors", "model_1.safetensors")
+CHECKPOINT_EMA = "ema.safetensors"  # D's moving average: the classifier of a run with --ema-decay
+SPLITS = ("test", "val", "labeled")  # what --split scores
 
 
 class EvaluationError(RuntimeError):
@@ -40,8 +45,18 @@ class Source:
     path: Path
     kind: str  # "run" or "checkpoint"
     config_file: Path
-    discriminator_file: Path
+    discriminator_file: Path  # the classifier: D, or D's moving average when the run keeps one
     generator_file: Path | None
+
+
+@dataclasses.dataclass
+class Record:
+    """What the weights themselves say they were trained on (not config.yaml, which a user can edit)."""
+    file: Path  # where it was read: the weights file's metadata, or a checkpoint's trainer_state.json
+    dataset: str
+    class_names: tuple[str, ...]
+    image_shape: tuple[int, int, int]  # (channels, height, width) the classifier takes
+    settings: dict  # the training settings recorded with the weights
 
 
 def locate(path: Path) -> Source:
@@ -63,6 +78,8 @@ def locate(path: Path) -> Source:
         raise EvaluationError(f"{config_file}: missing; a checkpoint is read with the config.yaml of its run, two "
                               "levels up: keep the checkpoint inside its run's checkpoints/ folder")
     d_file = path / d_name
+    if kind == "checkpoint" and (path / CHECKPOINT_EMA).is_file():  # what training scored, and model/ holds
+        d_file = path / CHECKPOINT_EMA
     if not d_file.is_file():
         hint = "evaluate one of its checkpoints (checkpoints/step_*), or finish the run (--resume latest)" \
             if kind == "run" else "the checkpoint is incomplete: evaluate another one"
@@ -83,14 +100,97 @@ def read_config(file: Path) -> TrainConfig:
     return config
 
 
+def unreadable_weights(file: Path, error: Exception) -> EvaluationError:
+    return EvaluationError(f"{file}: cannot read the weights ({type(error).__name__}: {error}); the file is "
+                           "corrupt or not safetensors: evaluate another checkpoint, or retrain")
+
+
+def read_json(file: Path, what: str):
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as error:
+        raise EvaluationError(f"{file}: cannot read {what} ({error}); the run's files are incomplete or damaged: "
+                              "evaluate another checkpoint, or the finished run") from error
+
+
+def shape_from_settings(dataset: str, image_size: int | None, channels: int | None):
+    """The image shape training used, when the settings alone tell it (None: they do not)."""
+    if is_builtin(dataset):
+        return DATASETS[dataset].image_shape
+    if dataset.startswith("folder:"):
+        image_size = image_size or DEFAULT_IMAGE_SIZE
+    return (channels, image_size, image_size) if channels and image_size else None
+
+
+def read_record(source: Source, config: TrainConfig) -> Record:
+    """The weights' own record: a run's weights file metadata, or a checkpoint's trainer_state.json fingerprint
+    with the class names its run recorded (labeled_indices.json). Weights from before sgan recorded anything
+    fall back to config.yaml (they are all of built-in datasets)."""
+    if source.kind == "checkpoint":
+        state_file = source.path / STATE_FILE
+        if not state_file.is_file():
+            raise EvaluationError(f"{state_file}: missing, so the checkpoint is incomplete (it is written last); "
+                                  "evaluate another checkpoint")
+        settings = read_json(state_file, "the trainer state").get("fingerprint") or {}
+        dataset = settings.get("dataset", config.dataset)
+        run_dir = source.config_file.parent
+        class_names = read_json(run_dir / "labeled_indices.json", "the run's class names")["class_names"]
+        shape = shape_from_settings(dataset, settings.get("image_size"), settings.get("channels"))
+        if shape is None and (run_dir / "metrics.json").is_file():  # the whole run has one shape
+            shape = read_json(run_dir / "metrics.json", "the run's metrics").get("image_shape")
+        if shape is None:
+            raise EvaluationError(f"{source.path}: its run chose the channels from the images (--channels auto) "
+                                  "and has not finished, so nothing records the image shape; evaluate the finished "
+                                  "run, or rerun with --channels 1 or 3")
+        return Record(state_file, dataset, tuple(class_names), tuple(shape), settings)
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(source.discriminator_file), framework="pt") as weights:
+            about = weights.metadata() or {}
+    except Exception as error:  # safetensors raises its own error types for truncated or foreign files
+        raise unreadable_weights(source.discriminator_file, error) from error
+    if "sgan_config" not in about:
+        if not is_builtin(config.dataset):
+            raise EvaluationError(f"{source.discriminator_file}: records nothing of its training; sgan writes "
+                                  "what a run was trained on into its weights: retrain the run")
+        info = DATASETS[config.dataset]
+        return Record(source.config_file, config.dataset, info.class_names, info.image_shape, {})
+    try:
+        return Record(source.discriminator_file, about["dataset"], tuple(json.loads(about["class_names"])),
+                      tuple(json.loads(about["image_shape"])), json.loads(about["sgan_config"]))
+    except (KeyError, ValueError) as error:
+        raise EvaluationError(f"{source.discriminator_file}: its record of the training ({error}) is damaged: "
+                              "evaluate a checkpoint of the run, or retrain") from error
+
+
+def check_record(record: Record, config: TrainConfig, config_file: Path) -> None:
+    """config.yaml must say what the weights say: an edited or swapped config.yaml would rebuild another
+    network, or score the weights on another dataset."""
+    differences = [f"{key}: config.yaml {getattr(config, key)!r}, the weights {record.settings[key]!r}"
+                   for key in config.fields_to_match_on_resume()
+                   if key in record.settings and record.settings[key] != getattr(config, key)]
+    if differences:
+        raise EvaluationError(f"{config_file} does not describe the weights it sits with ({'; '.join(differences)}; "
+                              f"the weights' own record: {record.file}): restore the config.yaml the run wrote")
+
+
+def open_run(path: Path) -> tuple[Source, TrainConfig, Record]:
+    """A run or checkpoint folder -> its files, its config and the weights' record, checked against each other."""
+    source = locate(Path(path))
+    config = read_config(source.config_file)
+    record = read_record(source, config)
+    check_record(record, config, source.config_file)
+    return source, config, record
+
+
 def load_weights(module: torch.nn.Module, file: Path, config_file: Path) -> None:
     from safetensors.torch import load_file
 
     try:
         state = load_file(str(file))
     except Exception as error:  # safetensors raises its own error types for truncated or foreign files
-        raise EvaluationError(f"{file}: cannot read the weights ({type(error).__name__}: {error}); the file is "
-                              "corrupt or not safetensors: evaluate another checkpoint, or retrain") from error
+        raise unreadable_weights(file, error) from error
     # accelerate saves checkpoints with get_state_dict(unwrap=False): a DDP-wrapped model's keys may start
     # with "module." (depending on the accelerate/torch versions), which the plain model does not expect.
     if state and all(key.startswith("module.") for key in state):
@@ -103,13 +203,16 @@ def load_weights(module: torch.nn.Module, file: Path, config_file: Path) -> None
                               "evaluate the weights with the config.yaml of the run that wrote them") from error
 
 
-def build_models(source: Source, config: TrainConfig, image_shape, num_classes: int, device: torch.device):
-    """D (and G when its weights exist) as configured by the run, weights loaded, in eval mode on `device`."""
-    spec = config.network_spec(image_shape, num_classes)
+def build_models(source: Source, config: TrainConfig, record: Record, device: torch.device,
+                 with_generator: bool = True):
+    """D (and G when its weights exist and with_generator) as configured by the run, weights loaded, in eval
+    mode on `device`."""
+    spec = config.network_spec(record.image_shape, len(record.class_names))
     discriminator = build_discriminator(spec)
     load_weights(discriminator, source.discriminator_file, source.config_file)
-    generator = None
-    if source.generator_file is not None:
+    if not with_generator or source.generator_file is None:
+        generator = None
+    else:
         generator = build_generator(spec)
         load_weights(generator, source.generator_file, source.config_file)
         generator.to(device).eval()
@@ -148,8 +251,8 @@ def format_report(result: dict) -> str:
     """The per-class table and the confusion matrix as plain-text tables."""
     names = result["class_names"]
     width = max(len(name) for name in names)
-    lines = [f"test accuracy {result['test_accuracy']:.4f} (error {100 * result['test_error']:.2f}%) on "
-             f"{result['num_images']} images", "", f"{'class':>5}  {'name':<{width}}  {'images':>6}  {'accuracy':>8}"]
+    lines = [f"{result.get('split', 'test')} accuracy {result['test_accuracy']:.4f} (error "
+             f"{100 * result['test_error']:.2f}%) on {result['num_images']} images of {result['scored_on']}", "", f"{'class':>5}  {'name':<{width}}  {'images':>6}  {'accuracy':>8}"]
     for row in result["per_class"]:
         accuracy = "-" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
         lines.append(f"{row['class']:>5}  {row['name']:<{width}}  {row['count']:>6}  {accuracy:>8}")
@@ -199,34 +302,66 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def check_scorable(name: str, class_names, image_shape, record: Record) -> None:
+    """A source can score the run only with the run's classes, in its order, and images of its shape."""
+    run = f"the run (trained on {record.dataset}, recorded in {record.file})"
+    if tuple(image_shape) != tuple(record.image_shape):
+        raise EvaluationError(f"{name}'s images are {'x'.join(map(str, image_shape))}, but {run} takes "
+                              f"{'x'.join(map(str, record.image_shape))} (C x H x W): score it on images of that "
+                              "shape (a folder or npz is fitted to it)")
+    if tuple(class_names) != tuple(record.class_names):
+        raise EvaluationError(f"{name} has the classes {', '.join(class_names)}, but {run} has "
+                              f"{', '.join(record.class_names)}: score it on a source with the same classes, in the "
+                              "same order")
+
+
+def open_scored_images(config: TrainConfig, record: Record, dataset: str | None, data_root: str | None, split: str):
+    """(the source, its split to score): the run's own source as training opened it, or --dataset SOURCE fitted
+    to the run's image shape; its classes must be the run's."""
+    root = data_root or config.data_root
+    if dataset is None:
+        images = open_source(record.dataset, root, config.image_size, config.channels, config.skip_bad_images)
+    elif is_builtin(dataset):
+        info = DATASETS[dataset]
+        check_scorable(dataset, info.class_names, info.image_shape, record)  # before reading (or fetching) it
+        images = open_source(dataset, root)
+    else:
+        channels, size, _ = record.image_shape
+        images = open_source(dataset, root, size, channels, config.skip_bad_images)
+    check_scorable(images.name, images.class_names, images.image_shape, record)
+    scored = getattr(images, split)
+    if scored is None:
+        raise EvaluationError(f"{images.name} has no {split} images to score the run on (a folder's {split}/<class>/, "
+                              f"an npz's x_{split} and y_{split}); --split chooses another of "
+                              f"{', '.join(SPLITS)}")
+    return images, scored
+
+
 def evaluate(path: Path, out: Path | None = None, data_root: str | None = None, batch_size: int = 1000,
-             device: str = "auto") -> dict:
-    """Evaluate the run or checkpoint at `path`, write evaluation.json and the plots into `out`; the result."""
+             device: str = "auto", dataset: str | None = None, split: str = "test") -> dict:
+    """Evaluate the run or checkpoint at `path` on the `split` of its own source, or of `dataset` (a source
+    with the same classes); write evaluation.json and the plots into `out`; the result."""
     from .train import save_sample_grid
 
-    source = locate(Path(path))
-    config = read_config(source.config_file)
+    source, config, record = open_run(Path(path))
     torch_device = pick_device(device)
-    images = open_source(config.dataset, data_root or config.data_root, config.image_size, config.channels,
-                         config.skip_bad_images)
-    if images.test is None:
-        raise EvaluationError(f"{images.name} has no test images to score the run on (a folder's test/<class>/, "
-                              "an npz's x_test and y_test)")
-    class_names = images.class_names
-    discriminator, generator = build_models(source, config, images.image_shape, len(class_names), torch_device)
-    matrix = confusion_matrix(discriminator, torch.from_numpy(np.asarray(images.test.images)),
-                              torch.from_numpy(np.asarray(images.test.labels)), config.formulation, len(class_names),
+    images, scored = open_scored_images(config, record, dataset, data_root, split)
+    class_names = record.class_names
+    discriminator, generator = build_models(source, config, record, torch_device)
+    matrix = confusion_matrix(discriminator, torch.from_numpy(np.asarray(scored.images)),
+                              torch.from_numpy(np.asarray(scored.labels)), config.formulation, len(class_names),
                               batch_size, torch_device)
     result = {"source": str(source.path), "kind": source.kind, "config": str(source.config_file),
               "weights": str(source.discriminator_file), "dataset": config.dataset, "recipe": config.recipe,
               "formulation": config.formulation, "num_labels": config.num_labels, "seed": config.seed,
-              **summarize(matrix, class_names)}
+              "scored_on": images.name, "split": split, **summarize(matrix, class_names)}
     if source.kind == "checkpoint":
         try:
             result["step"] = json.loads((source.path / STATE_FILE).read_text())["step"]
         except (OSError, ValueError, KeyError):
             result["step"] = None  # the weights loaded fine: a missing step is not worth failing for
-    elif (source.path / "metrics.json").is_file():  # what training reported for the same weights, to compare
+    elif dataset is None and split == "test" and (source.path / "metrics.json").is_file():
+        # what training reported for the same weights and images, to compare
         try:
             result["reported_test_accuracy"] = json.loads((source.path / "metrics.json").read_text())["test_accuracy"]
         except (OSError, ValueError, KeyError):
@@ -236,7 +371,8 @@ def evaluate(path: Path, out: Path | None = None, data_root: str | None = None, 
     out.mkdir(parents=True, exist_ok=True)
     plot_confusion_matrix(result, out / "confusion_matrix.png",
                           f"{config.dataset}, {config.recipe}/{config.formulation}, {config.num_labels} labels\n"
-                          f"test accuracy {100 * result['test_accuracy']:.2f}%")
+                          f"{split} accuracy {100 * result['test_accuracy']:.2f}%"
+                          f"{'' if dataset is None else ' on ' + images.name}")
     result["files"] = {"confusion_matrix": str(out / "confusion_matrix.png")}
     if generator is not None:
         save_sample_grid(generator, out / "evaluation_samples.png", torch_device, config.seed)
@@ -251,6 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", metavar="PATH",
                         help="a run's output dir, or a checkpoint folder OUTPUT_DIR/checkpoints/step_*")
+    parser.add_argument("--dataset", metavar="SOURCE", default=None,
+                        help="score the run on another labeled source with the same classes (a built-in dataset, "
+                        "folder:PATH or npz:FILE; images fitted to the run's size and channels); default: the run's "
+                        "own")
+    parser.add_argument("--split", default="test", choices=SPLITS,
+                        help="which images of the source to score: test (default), val, or labeled (a built-in "
+                        "dataset's training split)")
     parser.add_argument("--data-root", default=None,
                         help="dataset root (default: the run's --data-root, else $SGAN_DATA_ROOT or ./data)")
     parser.add_argument("--out", default=None, help="where to write evaluation.json and the PNGs (default: PATH)")
@@ -268,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--batch-size must be >= 1")
     try:
         device = "cpu" if args.cpu else args.device
-        result = evaluate(Path(args.path), args.out, args.data_root, args.batch_size, device)
+        result = evaluate(Path(args.path), args.out, args.data_root, args.batch_size, device, args.dataset,
+                          args.split)
     except (EvaluationError, DataError, ImageError, ValueError, OSError) as error:  # bad input: a message, not a traceback
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -109,6 +109,12 @@ def truncate(path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def strip_record(run):
+    """The weights file as sgan wrote it before it recorded the training in the metadata."""
+    weights = run / "model" / "discriminator.safetensors"
+    save_file(load_file(str(weights)), str(weights))
+
+
 def edit_config(run, **changes):
     config = yaml.safe_load((run / "config.yaml").read_text())
     (run / "config.yaml").write_text(yaml.safe_dump({**config, **changes}))
@@ -121,8 +127,11 @@ def edit_config(run, **changes):
     (lambda run: truncate(run / "model" / "generator.safetensors"), "generator.safetensors", "corrupt"),
     (lambda run: (run / "model" / "discriminator.safetensors").unlink(), "discriminator.safetensors", "missing"),
     (lambda run: edit_config(run, learning_rate=0.1), "config.yaml", "unknown keys learning_rate"),
-    (lambda run: edit_config(run, d_width=16), "discriminator.safetensors", "do not match the architecture"),
-    (lambda run: edit_config(run, formulation="two-head"), "discriminator.safetensors", "do not match"),
+    (lambda run: edit_config(run, d_width=16), "discriminator.safetensors", "d_width: config.yaml 16, the weights 32"),
+    (lambda run: edit_config(run, formulation="two-head"), "config.yaml", "does not describe the weights"),
+    (lambda run: edit_config(run, dataset="fashion-mnist"), "config.yaml", "dataset: config.yaml 'fashion-mnist'"),
+    (lambda run: strip_record(run) or edit_config(run, d_width=16), "discriminator.safetensors",
+     "do not match the architecture"),  # weights from before sgan recorded their training: config.yaml rules
     (lambda run: edit_config(run, formulation="softmax"), "config.yaml", "is not one of"),
     (lambda run: (run / "config.yaml").write_text("[1, 2"), "config.yaml", "not valid YAML"),
 ])
@@ -151,3 +160,67 @@ def test_command_line_entry_points(seed_run, mnist_root, tmp_path):
                          text=True, timeout=300, cwd=REPO)
     assert bad.returncode == 1
     assert "Traceback" not in bad.stderr and "discriminator.safetensors" in bad.stderr, bad.stderr
+
+
+def write_folder(root, images, labels, class_names):
+    """A folder source whose labeled/ and test/ both hold `images` (uint8 [N, 1, H, W]) as PNG files."""
+    for split in ("labeled", "test"):
+        for i, (image, label) in enumerate(zip(images, labels)):
+            folder = root / split / class_names[int(label)]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image[0].numpy()).save(folder / f"{i}.png")
+    return root
+
+
+def test_a_checkpoint_is_checked_against_its_own_record(seed_run, mnist_root, tmp_path, capsys):
+    """An MNIST checkpoint under a config.yaml edited to say fashion-mnist is refused, naming both."""
+    run = tmp_path / "copy"
+    shutil.copytree(seed_run, run)
+    edit_config(run, dataset="fashion-mnist")
+    checkpoint = run / "checkpoints" / "step_00000012"
+    assert main([str(checkpoint), "--cpu", "--data-root", str(mnist_root)]) == 1
+    err = capsys.readouterr().err
+    assert "dataset: config.yaml 'fashion-mnist', the weights 'mnist'" in err and "trainer_state.json" in err, err
+    assert not (checkpoint / "evaluation.json").exists()
+
+
+def test_another_source_with_the_same_classes(seed_run, mnist_root, tmp_path):
+    import sgan
+    from sgan.data import read_builtin_split
+
+    images, labels = read_builtin_split("mnist", train=False, root=mnist_root)
+    images, labels = images[:150], labels[:150]
+    folder = write_folder(tmp_path / "digits", images, labels, [str(k) for k in range(10)])
+    expected = torch.tensor([int(name) for name in sgan.load_classifier(seed_run).predict(images)]) == labels
+    for split in ("test", "labeled"):
+        out = tmp_path / split
+        assert main([str(seed_run), "--cpu", "--dataset", f"folder:{folder}", "--split", split, "--out", str(out)]) == 0
+        result = json.loads((out / "evaluation.json").read_text())
+        assert result["scored_on"] == f"folder:{folder}" and result["split"] == split
+        assert result["num_images"] == 150 and result["dataset"] == "mnist"
+        matrix = torch.tensor(result["confusion_matrix"])
+        assert int(matrix.trace()) == int(expected.sum()) and 0 < int(expected.sum()) < 150
+        assert matrix.sum(dim=1).tolist() == torch.bincount(labels, minlength=10).tolist()
+        assert "reported_test_accuracy" not in result  # training's number is for its own test set
+
+
+def test_a_source_with_other_classes_is_refused(seed_run, tmp_path, capsys):
+    images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    folder = write_folder(tmp_path / "pets", images, [0, 1, 0, 1], ["cat", "dog"])
+    assert main([str(seed_run), "--cpu", "--dataset", f"folder:{folder}", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert f"folder:{folder} has the classes cat, dog, but the run (trained on mnist" in err, err
+    # a built-in dataset's classes are known without reading it: refused before any data is fetched
+    assert main([str(seed_run), "--cpu", "--dataset", "fashion-mnist", "--data-root", str(tmp_path / "none")]) == 1
+    assert "T-shirt/top" in capsys.readouterr().err and not (tmp_path / "none").exists()
+    assert not (tmp_path / "o" / "evaluation.json").exists()
+
+
+def test_a_checkpoint_with_a_moving_average_is_scored_by_it(mnist_root, tmp_path):
+    """The classifier of a run with --ema-decay is D's average: a checkpoint is scored by the same weights."""
+    run = trained(tmp_path / "salimans", mnist_root, "--recipe", "salimans", "--max-steps", "3")
+    checkpoint = run / "checkpoints" / "step_00000003"
+    assert main([str(checkpoint), "--cpu", "--data-root", str(mnist_root)]) == 0
+    result = json.loads((checkpoint / "evaluation.json").read_text())
+    assert result["weights"].endswith("ema.safetensors")
+    assert result["test_accuracy"] == pytest.approx(reported_accuracy(run), abs=1e-4)
