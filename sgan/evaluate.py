@@ -39,6 +39,10 @@ class EvaluationError(RuntimeError):
     """A path, config or weights file that cannot be evaluated; the message names the file and the fix."""
 
 
+# What the command-line tools report as "error: ..." and exit 1 on: bad input, never a traceback.
+BAD_INPUT = (EvaluationError, DataError, ImageError, ValueError, OSError)
+
+
 @dataclasses.dataclass
 class Source:
     """What to evaluate: the run's config.yaml and the weights files (generator: None when there is none)."""
@@ -413,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         device = "cpu" if args.cpu else args.device
         result = evaluate(Path(args.path), args.out, args.data_root, args.batch_size, device, args.dataset,
                           args.split)
-    except (EvaluationError, DataError, ImageError, ValueError, OSError) as error:  # bad input: a message, not a traceback
+    except BAD_INPUT as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"{result['source']} ({result['kind']}{', step ' + str(result['step']) if result.get('step') else ''}: "
