@@ -60,5 +60,6 @@ setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={"console_scripts": ["sgan-train=sgan.train:main", "sgan-data=sgan.data:main",
-                                      "sgan-evaluate=sgan.evaluate:main", "sgan-study=sgan.study:main"]},
+                                      "sgan-evaluate=sgan.evaluate:main", "sgan-study=sgan.study:main",
+                                      "sgan-predict=sgan.predict:main", "sgan-export=sgan.export:main"]},
 )

@@ -24,6 +24,8 @@ PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 TOOLS = [
     ("Training", "`accelerate launch launch/train.py` or `python -m sgan.train`", "sgan.config", "build_parser"),
     ("Evaluation", "`python -m sgan.evaluate` or `python launch/evaluate.py`", "sgan.evaluate", "build_parser"),
+    ("Prediction", "`python -m sgan.predict` or `sgan-predict`", "sgan.predict", "build_parser"),
+    ("Export", "`python -m sgan.export` or `sgan-export`", "sgan.export", "build_parser"),
     ("Data preparation", "`python -m sgan.data`", "sgan.data", "build_parser"),
     ("Studies", "`python -m sgan.study` or `python launch/study.py`", "sgan.study", "build_parser"),
 ]
