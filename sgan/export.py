@@ -16,7 +16,7 @@ travel inside the file, as the extra file "sgan.json" of torch.export.save. To u
     names = [about["class_names"][k] for k in logits.argmax(1)]
 
 ONNX is not written: torch's ONNX exporter needs the onnx and onnxscript packages, which sgan does not
-depend on; torch.onnx.export on the same module works where they are installed.
+depend on (and which were not available to test an ONNX path with).
 """
 from __future__ import annotations
 
