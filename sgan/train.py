@@ -79,7 +79,9 @@ def train(config: TrainConfig, source: ImageSource | None = None) -> dict:
     def save_checkpoint(step: int) -> Path:
         progress.last_checkpoint = checkpoints.save(
             accelerator, output_dir, step, progress.fingerprint,
-            {"history": progress.history, "wall_seconds": progress.wall_seconds()}, config.keep_checkpoints,
+            {"history": progress.history, "wall_seconds": progress.wall_seconds(),
+             "class_names": list(data.source.class_names), "image_shape": list(data.source.image_shape)},
+            config.keep_checkpoints,
             {"ema": nets.ema.module.state_dict()} if nets.ema is not None else None)
         return progress.last_checkpoint
 
@@ -459,7 +461,7 @@ def run_metrics(config: TrainConfig, data: RunData, schedule: Schedule, progress
         "class_names": list(data.source.class_names),
         "image_shape": list(data.source.image_shape),  # (channels, height, width) the networks take
         "labeled_per_class": data.labeled_per_class(),
-        "dataset": config.dataset,
+        "dataset": data.source.name,  # --dataset, or "arrays" for a source given from Python
         "recipe": config.recipe,
         "formulation": config.formulation,
         "networks": config.network_family(),
@@ -490,7 +492,7 @@ def write_outputs(accelerator, config: TrainConfig, nets: Networks, output_dir: 
     if accelerator.is_main_process:
         (output_dir / "model").mkdir(exist_ok=True)
         about = {"sgan_config": json.dumps(config.to_dict()), "class_names": json.dumps(metrics["class_names"]),
-                 "image_shape": json.dumps(list(metrics["image_shape"])), "dataset": config.dataset}
+                 "image_shape": json.dumps(list(metrics["image_shape"])), "dataset": metrics["dataset"]}
         for name, network in {"discriminator": nets.classifier, "generator": nets.plain_g}.items():
             if network is not None:
                 state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}

@@ -171,7 +171,7 @@ def test_all_labels():
 
 
 @pytest.mark.parametrize("value, message", [("105", "not divisible"), ("2000", "smallest class has 100"),
-                                            ("0", "positive"), ("abc", "positive integer or 'all'")])
+                                            ("0", "positive"), ("abc", "positive integer, 'all' or 'auto'")])
 def test_bad_label_budgets(value, message):
     with pytest.raises(ValueError, match=message):
         select_labeled_indices(LABELS, parse_num_labels(value), 10, seed=0)

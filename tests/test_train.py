@@ -36,7 +36,7 @@ def test_seed_recipe_learns_from_100_labels(tmp_path, mnist_root):
     assert written["test_error"] == pytest.approx(1 - written["test_accuracy"])
     labeled = json.loads((out / "labeled_indices.json").read_text())
     assert len(labeled["indices"]) == 100 == len(set(labeled["indices"]))
-    assert (out / "config.yaml").read_text().count("num_labels: '100'") == 1
+    assert (out / "config.yaml").read_text().count("num_labels: auto") == 1  # 100 for a built-in dataset
     png = (out / "samples.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     d_state = load_file(str(out / "model" / "discriminator.safetensors"))
@@ -130,7 +130,7 @@ def test_learning_rate_holds_then_decays_linearly_to_zero():
     [
         (["--formulation", "softmax"], "invalid choice"),
         (["--epochs", "0"], "--epochs must be >= 1"),
-        (["--num-labels", "many"], "positive integer or 'all'"),
+        (["--num-labels", "many"], "positive integer, 'all' or 'auto'"),
         (["--lr", "-1"], "--lr must be > 0"),
         (["--g-clip-norm", "-1"], "--g-clip-norm must be >= 0"),
         (["--adam-eps", "0"], "--adam-eps must be > 0"),
