@@ -175,15 +175,19 @@ def test_empty_batch(backend, formulation):
 
 @needs_cpp
 def test_thread_count_does_not_change_result():
-    """Partial sums go by fixed row blocks, so 1 and 2 threads give bit-identical sums."""
+    """Partial sums go by fixed row blocks, so 1 and 2 threads give bit-identical sums (2 threads even where
+    torch would use 1: the comparison must really split the work)."""
     logits, target = make_inputs(100_003, 10, "two-head")
     threads = torch.get_num_threads()
+    results = {}
     try:
-        torch.set_num_threads(1)
-        one = ops.discriminator_loss_sums(logits, target, "two-head", backend="cpp")
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            assert torch.get_num_threads() == count
+            results[count] = ops.discriminator_loss_sums(logits, target, "two-head", backend="cpp")
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(one, ops.discriminator_loss_sums(logits, target, "two-head", backend="cpp"))
+    assert torch.equal(results[1], results[2])
 
 
 @pytest.mark.skipif(importlib.util.find_spec("sgan._C") is None, reason="sgan._C is not installed (JIT build)")

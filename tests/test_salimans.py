@@ -62,7 +62,7 @@ def test_salimans_recipe_learns_and_saves_the_evaluated_ema(tmp_path, mnist_root
 
     assert evaluate_main([str(out), "--data-root", str(mnist_root), "--cpu"]) == 0
     evaluated = json.loads((out / "evaluation.json").read_text())
-    assert evaluated["test_accuracy"] == pytest.approx(metrics["test_accuracy"], abs=1e-4)
+    assert round(evaluated["test_accuracy"] * 10000) == round(metrics["test_accuracy"] * 10000)
     assert (out / "checkpoints" / "step_00000150" / "ema.safetensors").is_file()
 
 

@@ -55,7 +55,7 @@ def test_saved_discriminator_reproduces_the_reported_accuracy(tmp_path, mnist_ro
     images, labels = load_split("mnist", train=False, root=mnist_root)
     with torch.no_grad():
         accuracy = (model(images)[:, :10].argmax(1) == labels).float().mean().item()
-    assert accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-4)
+    assert round(accuracy * 10000) == round(metrics["test_accuracy"] * 10000)  # the same test images right
 
 
 def test_supervised_baseline_learns_without_a_generator(tmp_path, mnist_root):
