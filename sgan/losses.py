@@ -130,9 +130,3 @@ def discriminator_loss_sums(logits: torch.Tensor, target: torch.Tensor, formulat
         return sums
     out_of_range = ((target < GENERATED) | (target >= k)).any()
     return torch.where(out_of_range, torch.full_like(sums, float("nan")), sums)
-
-
-def generator_loss_sum(fake_logits: torch.Tensor, formulation: str) -> torch.Tensor:
-    """Non-saturating generator loss: sum over generated rows of -log D(G(z))."""
-    _, r = class_lse_and_real_logit(fake_logits, formulation)
-    return F.softplus(-r).sum()

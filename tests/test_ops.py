@@ -135,12 +135,14 @@ def test_torch_backend_is_the_reference(backend):
 @fused_backends
 @pytest.mark.parametrize("formulation", FORMULATIONS)
 def test_generator_loss(backend, formulation):
-    """The training loop's generator loss: sum [1] with every row unlabeled-real."""
+    """The training loop's generator loss (sgan.steps.generator_loss): sum [1] with every row unlabeled-real,
+    which must be the non-saturating -log D(G(z)) = softplus(-r) summed over the rows."""
     fake_logits, _ = make_inputs(100, 10, formulation, device=DEVICE[backend])
     unlabeled = torch.full((100,), losses.UNLABELED, device=fake_logits.device)
+    real_logit = losses.class_lse_and_real_logit(fake_logits, formulation)[1]
     torch.testing.assert_close(
         ops.discriminator_loss_sums(fake_logits, unlabeled, formulation, backend=backend)[1],
-        losses.generator_loss_sum(fake_logits, formulation),
+        torch.nn.functional.softplus(-real_logit).sum(),
     )
 
 
