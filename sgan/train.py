@@ -591,6 +591,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FloatingPointError, DataError, ImageError, checkpoints.CheckpointError) as error:  # bad input: a message
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # the output dir failed mid-run (disk full, removed, read-only): checkpoints complete
+        print(f"error: {error}. Checkpoints are written whole or not at all: fix the output dir, then continue "
+              f"with --resume latest --output-dir {config.output_dir}", file=sys.stderr)
+        return 1
     return 0
 
 

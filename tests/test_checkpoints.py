@@ -281,3 +281,23 @@ def parent_of(proc: Path) -> int | None:
     except OSError:
         return None
     return None if fields[0] == "Z" else int(fields[1])
+
+
+def test_an_output_dir_that_fails_mid_run_is_a_message_and_keeps_the_checkpoint(tmp_path, mnist_root, monkeypatch,
+                                                                              capsys):
+    import sgan.train
+
+    out = tmp_path / "run"
+    real = sgan.train.write_outputs
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(out / "metrics.json"))
+
+    monkeypatch.setattr(sgan.train, "write_outputs", disk_full)
+    assert main(flags(out, mnist_root, "--max-steps", "2", "--recipe", "supervised")) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "--resume latest" in err and "Traceback" not in err
+    assert (out / "checkpoints" / "step_00000002" / "trainer_state.json").is_file()  # the final checkpoint is whole
+    monkeypatch.setattr(sgan.train, "write_outputs", real)
+    assert main(flags(out, mnist_root, "--max-steps", "2", "--recipe", "supervised", "--resume", "latest")) == 0
+    assert (out / "metrics.json").is_file()
