@@ -9,8 +9,9 @@ under a temporary folder (or --dir, kept and reused when it already holds the sa
 fresh process (peak RSS from resource.getrusage):
   cold  open_folder with an empty cache: decodes every image into the cache (the workers' peak RSS too);
   warm  open_folder again (the cache hit), then reads every image of every split once, in batches, as uint8.
-Target: the warm process's peak RSS within the uint8 size of the images plus 1.5 GB. Prints a table and writes
-JSON.
+  train a short odena run on the folder (--train-steps), from the cache.
+Target: the warm and the training process's peak RSS within the uint8 size of the images plus 1.5 GB. Prints a
+table and writes JSON.
 """
 from __future__ import annotations
 
@@ -68,6 +69,22 @@ def make_folder(root: Path, args) -> float:
     return time.perf_counter() - started
 
 
+def measure_training(root: str, cache_dir: str, size: int, steps: int) -> dict:
+    """In a fresh process: a short odena run on the folder (from the warm cache), the whole of training's
+    memory: the images memory-mapped, the networks, the optimisers and the batches."""
+    from sgan.config import parse_config
+    from sgan.train import train
+
+    os.environ["SGAN_CACHE_DIR"] = cache_dir
+    with tempfile.TemporaryDirectory(prefix="sgan-bench-train-") as out:
+        metrics = train(parse_config(["--dataset", f"folder:{root}", "--image-size", str(size), "--max-steps",
+                                      str(steps), "--tracker", "none", "--cpu", "--checkpoint-every", "0",
+                                      "--output-dir", out]))
+    return {"steps": metrics["steps"], "wall_seconds": metrics["wall_seconds"],
+            "images_per_second": metrics["images_per_second"],
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
 def measure(phase: str, root: str, cache_dir: str, size: int, workers: int, batch: int) -> dict:
     """In a fresh process: open the folder (cold: decoding, warm: the cache hit); warm then reads every image."""
     from sgan.images import open_folder
@@ -92,7 +109,8 @@ def measure(phase: str, root: str, cache_dir: str, size: int, workers: int, batc
 
 def run_phase(phase: str, root: Path, cache_dir: Path, args) -> dict:
     command = [sys.executable, __file__, "--measure", phase, "--dir", str(root), "--cache-dir", str(cache_dir),
-               "--size", str(args.size), "--workers", str(args.workers), "--batch", str(args.batch)]
+               "--size", str(args.size), "--workers", str(args.workers), "--batch", str(args.batch),
+               "--train-steps", str(args.train_steps)]
     started = time.perf_counter()
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
@@ -110,9 +128,13 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes for writing and decoding")
     parser.add_argument("--batch", type=int, default=256, help="images per batch when reading")
     parser.add_argument("--out", default=str(RESULTS / "images_folder_64.json"))
-    parser.add_argument("--measure", choices=["cold", "warm"], help=argparse.SUPPRESS)  # the child process
+    parser.add_argument("--train-steps", type=int, default=20, help="steps of the short training run")
+    parser.add_argument("--measure", choices=["cold", "warm", "train"], help=argparse.SUPPRESS)  # the child process
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.measure == "train":
+        print(json.dumps(measure_training(args.dir, args.cache_dir, args.size, args.train_steps)))
+        return 0
     if args.measure:
         print(json.dumps(measure(args.measure, args.dir, args.cache_dir, args.size, args.workers, args.batch)))
         return 0
@@ -123,13 +145,14 @@ def main(argv=None) -> int:
         generate_seconds = make_folder(root, args)
         cold = run_phase("cold", root, work / "cache", args)
         warm = run_phase("warm", root, work / "cache", args)
-        return report(args, argv, generate_seconds, cold, warm)
+        training = run_phase("train", root, work / "cache", args)
+        return report(args, argv, generate_seconds, cold, warm, training)
     finally:
         print(f"removing {work} ...", flush=True)  # deleting 50,000 files takes a while on some disks
         shutil.rmtree(work, ignore_errors=True)
 
 
-def report(args, argv, generate_seconds: float, cold: dict, warm: dict) -> int:
+def report(args, argv, generate_seconds: float, cold: dict, warm: dict, training: dict) -> int:
     if cold["cache_hit"] or not warm["cache_hit"]:
         raise SystemExit(f"expected a cold then a warm open, got cache hits {cold['cache_hit']}, {warm['cache_hit']}")
     target = warm["uint8_bytes"] + HEADROOM
@@ -139,9 +162,10 @@ def report(args, argv, generate_seconds: float, cold: dict, warm: dict) -> int:
                  "command": " ".join(["python benchmarks/images.py"] + (argv if argv is not None else sys.argv[1:]))},
         "folder": {"unlabeled": args.count, "labeled": args.classes * args.labeled_per_class, "size": args.size,
                    "format": "PNG RGB", "generate_seconds": round(generate_seconds, 1)},
-        "cold": cold, "warm": warm,
+        "cold": cold, "warm": warm, "train": training,
         "decode_images_per_second": round(cold["images"] / cold["open_seconds"]),
-        "target_peak_rss_bytes": int(target), "within_target": warm["peak_rss_bytes"] <= target,
+        "target_peak_rss_bytes": int(target),
+        "within_target": max(warm["peak_rss_bytes"], training["peak_rss_bytes"]) <= target,
     }
     gb = 1e9
     rows = [("images (labeled + unlabeled)", f"{cold['images']} x {'x'.join(map(str, cold['shape']))}"),
@@ -153,8 +177,11 @@ def report(args, argv, generate_seconds: float, cold: dict, warm: dict) -> int:
                                                f"{cold['workers_peak_rss_bytes'] / gb:.3f} GB"),
             ("warm open (cache hit)", f"{warm['open_seconds']:.2f} s"),
             ("warm: read every image once", f"{warm['read_seconds']:.2f} s in batches of {args.batch}"),
-            ("warm peak RSS", f"{warm['peak_rss_bytes'] / gb:.3f} GB (target <= {target / gb:.3f} GB: "
-                              f"{'met' if result['within_target'] else 'MISSED'})")]
+            ("warm peak RSS", f"{warm['peak_rss_bytes'] / gb:.3f} GB"),
+            (f"training, {training['steps']} odena steps", f"{training['wall_seconds']:.1f} s, peak RSS "
+                                                           f"{training['peak_rss_bytes'] / gb:.3f} GB"),
+            ("target (uint8 size + 1.5 GB)", f"<= {target / gb:.3f} GB: "
+                                             f"{'met' if result['within_target'] else 'MISSED'}")]
     width = max(len(name) for name, _ in rows)
     print("\n".join(f"{name:<{width}}  {value}" for name, value in rows))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
