@@ -401,18 +401,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-root", default=None,
                         help="dataset root (default: the run's --data-root, else $SGAN_DATA_ROOT or ./data)")
     parser.add_argument("--out", default=None, help="where to write evaluation.json and the PNGs (default: PATH)")
-    parser.add_argument("--batch-size", type=int, default=1000, help="test images per forward (default: 1000)")
-    parser.add_argument("--device", default="auto", help="torch device, e.g. cpu or cuda:1 (default: auto, the GPU "
-                        "when one is visible)")
+    add_inference_arguments(parser, batch_size=1000)
     parser.add_argument("--cpu", action="store_true", help="same as --device cpu")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def add_inference_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
+    """--batch-size and --device, as the tools that run a classifier (evaluate, predict) take them."""
+    parser.add_argument("--batch-size", type=int, default=batch_size,
+                        help=f"images per forward (default: {batch_size})")
+    parser.add_argument("--device", default="auto", help="torch device: auto (the GPU when one is visible), cpu, "
+                        "cuda or e.g. cuda:1 (default: auto)")
+
+
+def parse_inference_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parse_inference_args(parser, argv)
     try:
         device = "cpu" if args.cpu else args.device
         result = evaluate(Path(args.path), args.out, args.data_root, args.batch_size, device, args.dataset,

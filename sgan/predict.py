@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .evaluate import BAD_INPUT, EvaluationError
+from .evaluate import BAD_INPUT, EvaluationError, add_inference_arguments, parse_inference_args
 from .images import EXTENSIONS, ImageError, load_image
 
 
@@ -90,9 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "OUTPUT.errors.csv beside it)")
     parser.add_argument("--top-k", type=int, default=1, help="also write the next K-1 most probable classes and "
                         "their probabilities (default: 1)")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per forward (default: 256)")
-    parser.add_argument("--device", default="auto", help="auto (the GPU when one is visible), cpu, cuda or e.g. "
-                        "cuda:1 (default: auto)")
+    add_inference_arguments(parser, batch_size=256)
     return parser
 
 
@@ -100,9 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     from .classifier import load_classifier
 
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error("--batch-size must be >= 1")
+    args = parse_inference_args(parser, argv)
     if args.top_k < 1:
         parser.error("--top-k must be >= 1")
     output = Path(args.output)
