@@ -528,6 +528,17 @@ def read_builtin_split(name: str, train: bool, root: Path | str | None = None) -
     return dataset.data.unsqueeze(1), dataset.targets.long()
 
 
+def as_tensor(images) -> torch.Tensor:
+    """A uint8 array (or tensor) as a tensor without a copy: memory-mapped images stay mapped."""
+    import warnings
+
+    if isinstance(images, torch.Tensor):
+        return images
+    with warnings.catch_warnings():  # read-only maps: torch warns that writing would fail; nothing writes
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.asarray(images))
+
+
 def to_model_scale(images: torch.Tensor) -> torch.Tensor:
     """uint8 images -> float32 in [-1, 1], the scale the networks take (done per batch: images stay uint8)."""
     return images.float().div_(127.5).sub_(1.0)

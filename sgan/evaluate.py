@@ -23,7 +23,7 @@ import torch
 
 from .checkpoints import STATE_FILE
 from .config import TrainConfig, load_yaml_config
-from .data import DATASETS, DEFAULT_IMAGE_SIZE, DataError, is_builtin, open_source, to_model_scale
+from .data import DATASETS, DEFAULT_IMAGE_SIZE, DataError, as_tensor, is_builtin, open_source, to_model_scale
 from .images import ImageError
 from .losses import class_logits
 from .models import build_discriminator, build_generator
@@ -352,7 +352,7 @@ def evaluate(path: Path, out: Path | None = None, data_root: str | None = None, 
     images, scored = open_scored_images(config, record, dataset, data_root, split)
     class_names = record.class_names
     discriminator, generator = build_models(source, config, record, torch_device)
-    matrix = confusion_matrix(discriminator, torch.from_numpy(np.asarray(scored.images)),
+    matrix = confusion_matrix(discriminator, as_tensor(scored.images),
                               torch.from_numpy(np.asarray(scored.labels)), config.formulation, len(class_names),
                               batch_size, torch_device)
     result = {"source": str(source.path), "kind": source.kind, "config": str(source.config_file),

@@ -29,7 +29,7 @@ import yaml
 from . import batches, checkpoints, ops
 from .batches import StepBatches
 from .config import TrainConfig, parse_config
-from .data import DataError, is_builtin, open_source, parse_num_labels, split_labeled_pool, to_model_scale
+from .data import DataError, as_tensor, is_builtin, open_source, parse_num_labels, split_labeled_pool, to_model_scale
 from .images import ImageError, ImageSource
 from .losses import class_logits
 from .models import build_discriminator, build_generator
@@ -123,6 +123,7 @@ def train(config: TrainConfig, source: ImageSource | None = None) -> dict:
             if checkpoint_due:
                 save_checkpoint(done)
             if stop.requested(accelerator, collective=done % config.log_every == 0):
+                monitor.read(progress.last_checkpoint)  # never a checkpoint after a non-finite loss
                 path = save_checkpoint(done)
                 bar.close()
                 accelerator.print(f"sgan: stopped by a signal after step {done}; checkpoint {path}. "
@@ -242,13 +243,6 @@ def load_data(config: TrainConfig, accelerator, source: ImageSource | None = Non
         unlabeled=stream(len(rows), config.batch_size, "unlabeled") if semi_supervised else None,
         # feature matching compares G's features with those of another unlabeled batch (as the paper's code)
         matching=stream(len(rows), config.batch_size, "matching") if config.recipe == "salimans" else None)
-
-
-def as_tensor(images) -> torch.Tensor:
-    """A uint8 array as a tensor without a copy (memory-mapped ones stay mapped)."""
-    with warnings.catch_warnings():  # read-only maps: torch warns that writing would fail; nothing writes
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.as_tensor(images) if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images))
 
 
 @dataclass(frozen=True)
