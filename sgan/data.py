@@ -598,7 +598,7 @@ def select_labeled_indices(labels, num_labels: int | None, num_classes: int, see
     return np.sort(np.concatenate(chosen))
 
 
-def stratified_counts(class_counts, total: int, flag: str, class_names) -> np.ndarray:
+def stratified_counts(class_counts, total: int, flag: str) -> np.ndarray:
     """How many of `total` images to take from each class: in proportion to the class sizes, at least one from
     each. ValueError (naming `flag`) when that cannot be done."""
     counts = np.asarray(class_counts, dtype=np.int64)
@@ -648,8 +648,7 @@ def split_labeled_pool(labels, num_labels: int | None, val_size: int, class_name
         return rest[select_labeled_indices(labels[rest], num_labels, num_classes, seed)], validation
     if num_labels is None:
         return rest, validation
-    share = stratified_counts(np.bincount(labels[rest], minlength=num_classes), num_labels, "--num-labels",
-                              class_names)
+    share = stratified_counts(np.bincount(labels[rest], minlength=num_classes), num_labels, "--num-labels")
     rng = np.random.default_rng(seed)
     chosen = [rng.choice(rest[labels[rest] == c], size=share[c], replace=False) for c in range(num_classes)]
     return np.sort(np.concatenate(chosen)), validation
