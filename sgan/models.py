@@ -174,12 +174,18 @@ class WNLinear(nn.Module):
         self.b = nn.Parameter(torch.zeros(out_features))
         self.init_scale = init_scale
 
+    def scale(self) -> torch.Tensor:
+        """g / ||v||, one factor per output feature (per row of v)."""
+        return self.g / self.v.norm(dim=1).clamp_min(1e-12)
+
     def effective_weight(self) -> torch.Tensor:
         """g * v / ||v||, row-wise: one row per output feature (WNConv2d / WNConvTranspose2d reshape it)."""
-        return self.v * (self.g / self.v.norm(dim=1).clamp_min(1e-12)).unsqueeze(1)
+        return self.v * self.scale().unsqueeze(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.effective_weight(), self.b)
+        # (x v^T) * g/||v|| + b, the same as x W^T + b, without building W (and its gradient) per forward: the
+        # output has fewer elements than the weight (300 x 1000 against 1000 x 784 in the first layer)
+        return torch.addcmul(self.b, nn.functional.linear(x, self.v), self.scale())
 
     @torch.no_grad()
     def init_from(self, x: torch.Tensor) -> torch.Tensor:
@@ -234,6 +240,31 @@ class SalimansDiscriminator(nn.Module):
         self.head.init_from(self.noise[-1](self._hidden(x, init=True)))
 
 
+class FastSoftplus(torch.autograd.Function):
+    """log(1 + e^x) as relu(x) + log(1 + e^-|x|), gradient sigmoid(x). Torch's softplus calls a log1p that this
+    CPU build does not vectorise: on 100 x 784 floats (1 thread), forward 196 us against 750, with backward 420
+    against 919."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return torch.relu(x) + torch.log(1 + torch.exp(-x.abs()))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * torch.sigmoid(x)  # autograd through relu and |x| would give 0 at x = 0, not 1/2
+
+
+def softplus(x: torch.Tensor) -> torch.Tensor:
+    return FastSoftplus.apply(x)
+
+
+class Softplus(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return softplus(x)
+
+
 class SalimansGenerator(nn.Module):
     """100-d uniform noise -> 500 softplus + BatchNorm -> 500 softplus + BatchNorm -> 784 (weight-normalised)
     -> output, in D's [0, 1] pixel scale, mapped to [-1, 1] like the data (2p - 1).
@@ -243,7 +274,7 @@ class SalimansGenerator(nn.Module):
     against 79.4% / 77.1% with sigmoid, whose G stopped matching D's features (feature-matching loss 16-30
     against 0.2)."""
 
-    OUTPUTS = {"sigmoid": torch.sigmoid, "softplus": nn.functional.softplus}
+    OUTPUTS = {"sigmoid": torch.sigmoid, "softplus": softplus}
 
     def __init__(self, latent_dim: int = 100, image_shape: tuple[int, ...] = (1, 28, 28), output: str = "softplus"):
         super().__init__()
@@ -251,8 +282,8 @@ class SalimansGenerator(nn.Module):
             raise ValueError(f"unknown generator output {output!r}: choose one of {', '.join(self.OUTPUTS)}")
         self.latent_dim, self.image_shape, self.output = latent_dim, image_shape, output
         self.body = nn.Sequential(
-            nn.Linear(latent_dim, 500, bias=False), nn.BatchNorm1d(500), nn.Softplus(),
-            nn.Linear(500, 500, bias=False), nn.BatchNorm1d(500), nn.Softplus(),
+            nn.Linear(latent_dim, 500, bias=False), nn.BatchNorm1d(500), Softplus(),
+            nn.Linear(500, 500, bias=False), nn.BatchNorm1d(500), Softplus(),
         )
         self.out = WNLinear(500, int(torch.tensor(image_shape).prod()))
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from sgan.losses import num_logits
 from sgan.models import (SUPPORTED_SIZES, NetworkSpec, SalimansConvDiscriminator, SalimansConvGenerator, WNConv2d,
-                         build_discriminator, build_generator)
+                         WNLinear, build_discriminator, build_generator, softplus)
 
 FAMILIES = ("odena", "salimans")
 REQUIRED_SIZES = (28, 32, 48, 64, 96, 128)  # issue 11's "at least"
@@ -177,3 +177,25 @@ def test_networks_at_the_published_sizes_are_bit_identical(case):
     torch.manual_seed(0)
     g = build_generator(spec)
     assert (digest(d), digest(g)) == PUBLISHED[case]
+
+
+def test_weight_normalised_linear_is_x_times_g_v_over_norm_v_and_so_is_its_gradient():
+    """The layer scales x v^T per output instead of building W = g v / ||v||: the same value and gradients."""
+    torch.manual_seed(0)
+    layer = WNLinear(7, 5).double()  # float64: the two orders of operations agree to rounding
+    with torch.no_grad():
+        layer.g.uniform_(0.5, 2.0)
+        layer.b.uniform_(-1.0, 1.0)
+    x = torch.randn(4, 7, dtype=torch.float64)
+    weight = layer.g.unsqueeze(1) * layer.v / layer.v.norm(dim=1, keepdim=True)
+    reference = torch.nn.functional.linear(x, weight, layer.b)
+    torch.testing.assert_close(layer(x), reference)
+    expected = torch.autograd.grad(reference.square().sum(), [layer.v, layer.g, layer.b])
+    torch.testing.assert_close(torch.autograd.grad(layer(x).square().sum(), [layer.v, layer.g, layer.b]), expected)
+
+
+def test_softplus_matches_torch_in_value_and_gradient_far_out_too():
+    x = torch.tensor([-200.0, -30.0, -5.0, -1e-3, 0.0, 1e-3, 5.0, 30.0, 200.0], requires_grad=True)
+    torch.testing.assert_close(softplus(x), nn.functional.softplus(x))
+    mine = torch.autograd.grad(softplus(x).sum(), x)[0]
+    torch.testing.assert_close(mine, torch.sigmoid(x.detach()))  # d/dx log(1 + e^x)
