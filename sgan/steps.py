@@ -1,8 +1,8 @@
 """One training step, phase by phase: D's loss and update, then G's (the loop in sgan/train.py calls them).
 
-D step (every recipe): one D forward per kind of batch, labeled, unlabeled and generated, so that BatchNorm
-normalises each kind by its own statistics; then one loss over all rows, with per-row targets (the class,
-UNLABELED or GENERATED):
+D step (every recipe): D's logits for the labeled, unlabeled and generated batches (one forward per kind when D
+has BatchNorm, so that each kind is normalised by its own statistics; else one forward over all the rows); then
+one loss over all rows, with per-row targets (the class, UNLABELED or GENERATED):
     loss = CE / n_labeled + w * (real / n_real + fake / n_generated)
 The supervised recipe has the labeled batch only: loss = CE / n_labeled.
 G step: the non-saturating -log D(G(z)) (odena), or feature matching (salimans): the squared gap between
@@ -155,21 +155,40 @@ def discriminator_loss(logits: list[Tensor], targets: list[Tensor], settings: St
     return sums["supervised"] / n_labeled + settings.unlabeled_weight * unsupervised, sums
 
 
+def has_batch_norm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def discriminator_logits(nets: Networks, images: list[Tensor], settings: StepSettings) -> list[Tensor]:
+    """D's logits for each batch of `images`: [labeled] or [labeled, unlabeled, generated].
+
+    With BatchNorm, one forward per batch, so that each kind is normalised by its own statistics (and the
+    generated one leaves the running statistics alone). Without it (the salimans D, or --d-batchnorm false),
+    each row's output depends on that row only, so one forward over all the rows computes the same, faster:
+    bigger matrix products, and each layer's weight norms and noise calls once per step, not three times."""
+    d = nets.discriminator
+    if len(images) == 1:
+        return [d(images[0])]
+    if not has_batch_norm(nets.plain_d):
+        return list(d(torch.cat(images)).split([len(x) for x in images]))
+    logits = [d(x) for x in images[:-1]]
+    with bn_stats_frozen(d, settings.freeze_bn_on_fakes):
+        logits.append(d(images[-1]))
+    return logits
+
+
 def d_step(accelerator, nets: Networks, batch: StepBatch, settings: StepSettings) -> dict[str, Tensor]:
     """One update of D (and of its moving average). Returns {"d_loss", "supervised_ce"} on the device."""
-    d = nets.discriminator
-    logits, targets = [d(batch.labeled)], [batch.labels]
+    images, targets = [batch.labeled], [batch.labels]
     if batch.unlabeled is not None:
         device = batch.unlabeled.device
         z = nets.plain_g.sample_latent(len(batch.unlabeled), device)
         with torch.no_grad():  # G is not updated here: no graph for it
             fake = nets.plain_g(z)
-        logits.append(d(batch.unlabeled))
-        targets.append(torch.full((len(batch.unlabeled),), UNLABELED, device=device))
-        with bn_stats_frozen(d, settings.freeze_bn_on_fakes):
-            logits.append(d(fake))
-        targets.append(torch.full((len(fake),), GENERATED, device=device))
-    loss, sums = discriminator_loss(logits, targets, settings)
+        images += [batch.unlabeled, fake]
+        targets += [torch.full((len(batch.unlabeled),), UNLABELED, device=device),
+                    torch.full((len(fake),), GENERATED, device=device)]
+    loss, sums = discriminator_loss(discriminator_logits(nets, images, settings), targets, settings)
     nets.opt_d.zero_grad(set_to_none=True)
     accelerator.backward(loss)  # accelerate: scales the loss under fp16; DDP averages D's gradients
     nets.opt_d.step()

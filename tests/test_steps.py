@@ -1,5 +1,6 @@
 """The D and G steps on tiny networks: what each updates, what each must leave alone, and which way G moves."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -7,7 +8,8 @@ from accelerate import Accelerator
 
 from sgan.losses import real_probability
 from sgan.models import NetworkSpec, build_discriminator, build_generator
-from sgan.steps import EMA, Networks, StepBatch, StepSettings, bn_stats_frozen, d_step, g_step
+from sgan.steps import (EMA, Networks, StepBatch, StepSettings, bn_stats_frozen, d_step, discriminator_logits,
+                        g_step)
 
 SPEC = NetworkSpec("odena", (1, 12, 12), num_classes=3, formulation="k-logit", latent_dim=8, d_width=4, g_width=4)
 
@@ -18,9 +20,9 @@ def settings(**changes):
     return StepSettings(**{**base.__dict__, **changes})
 
 
-def tiny_networks(ema_decay=0.0, lr=1e-3):
+def tiny_networks(ema_decay=0.0, lr=1e-3, spec=SPEC):
     torch.manual_seed(0)
-    d, g = build_discriminator(SPEC), build_generator(SPEC)
+    d, g = build_discriminator(spec), build_generator(spec)
     adam = lambda network: torch.optim.Adam(network.parameters(), lr=lr)  # noqa: E731
     return Networks(d, d, adam(d), g, g, adam(g), EMA(d, ema_decay) if ema_decay else None)
 
@@ -92,6 +94,24 @@ def test_d_step_with_fakes_in_the_running_statistics_differs(accelerator):
     d_step(accelerator, nets, batch, settings(freeze_bn_on_fakes=False))
     key = next(k for k in expected.state_dict() if k.endswith("running_mean"))
     assert not torch.equal(nets.plain_d.state_dict()[key], expected.state_dict()[key])
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_d_logits_are_per_batch_whatever_the_forwards(batchnorm):
+    """Without BatchNorm D runs one forward over all the rows; each batch must get the logits it gets alone.
+    With BatchNorm each batch is normalised by its own statistics: one forward over all rows would differ."""
+    nets = tiny_networks(spec=dataclasses.replace(SPEC, d_batchnorm=batchnorm))
+    nets.plain_d.train()
+    nets.plain_d.dropout.p = 0.0  # no randomness, so the forwards can be compared
+    batch = a_batch()
+    images = [batch.labeled, batch.unlabeled, batch.matching[:4]]
+    logits = discriminator_logits(nets, images, settings())
+    assert [len(x) for x in logits] == [6, 6, 4]
+    alone = [copy.deepcopy(nets.plain_d)(x) for x in images]
+    for mine, expected in zip(logits, alone):
+        torch.testing.assert_close(mine, expected)
+    together = copy.deepcopy(nets.plain_d)(torch.cat(images))
+    assert torch.allclose(together[:6], alone[0]) != batchnorm
 
 
 def test_supervised_d_step_uses_the_labeled_batch_only(accelerator):
