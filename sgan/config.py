@@ -109,8 +109,10 @@ class TrainConfig:
                                       "at test time)", resume="match")
     d_batchnorm: bool = option(True, "BatchNorm in D (false makes D's output independent of how a batch is split: "
                                "tests, ablations)", resume="match")
-    mixed_precision: str = option("no", "autocast through accelerate; the loss still accumulates in float32",
-                                  resume="free", choices=("no", "bf16", "fp16"))
+    mixed_precision: str = option("no", "autocast through accelerate; the loss still accumulates in float32. "
+                                  "auto: bf16 where the hardware multiplies bf16 matrices natively (a CUDA GPU "
+                                  "with bf16, a CPU with AVX512-BF16 or AMX), else no", resume="free",
+                                  choices=("no", "bf16", "fp16", "auto"))
     sync_bn: bool = option(False, "SyncBatchNorm across GPUs (CUDA only)", resume="free")
     checkpoint_every: int = option(500, "steps between checkpoints (0: only at the end); a run also checkpoints on "
                                    "SIGTERM/SIGINT", resume="free")

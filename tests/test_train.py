@@ -286,3 +286,16 @@ def test_the_gan_beats_its_supervised_baseline_by_a_margin_a_broken_g_cannot_rea
     _, supervised = run(tmp_path / "supervised", mnist_root, *common, "--recipe", "supervised")
     assert gan["test_accuracy"] >= supervised["test_accuracy"] + 0.06, (gan["test_accuracy"],
                                                                           supervised["test_accuracy"])
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, "bf16"), (False, True, "bf16"),
+                                                        (False, False, "no")])
+def test_auto_precision_is_bf16_only_where_bf16_products_are_native(monkeypatch, avx512_bf16, amx, expected):
+    from sgan.train import resolve_precision
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert resolve_precision("auto", on_cuda=False) == expected
+    assert resolve_precision("no", on_cuda=False) == "no" and resolve_precision("bf16", on_cuda=False) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: not avx512_bf16)
+    assert resolve_precision("auto", on_cuda=True) == ("no" if avx512_bf16 else "bf16")  # the GPU's answer counts
