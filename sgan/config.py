@@ -88,6 +88,8 @@ class TrainConfig:
     g_output: str = option("softplus", "output layer of the salimans 28x28 G: softplus (default, learns faster "
                            "here) or sigmoid (the paper's)", resume="match", choices=("softplus", "sigmoid"))
     unlabeled_weight: float = option(1.0, "weight of the real/fake (unsupervised) D loss", resume="match")
+    entropy_weight: float = option(0.0, "weight of the entropy of D's class prediction on unlabeled images, "
+                                   "which rewards confident predictions there (0: off)", resume="match")
     real_rows: str = option("all", "real images in D's real term: all (labeled and unlabeled) or unlabeled (the "
                             "paper's code; the labeled ones then only enter the cross-entropy)", resume="match",
                             choices=("all", "unlabeled"))
@@ -147,6 +149,9 @@ class TrainConfig:
             (0 <= self.beta1 < 1, "--beta1 must be in [0, 1)"),
             (self.adam_eps > 0, "--adam-eps must be > 0 (try 1e-8, PyTorch's default)"),
             (self.unlabeled_weight >= 0, "--unlabeled-weight must be >= 0"),
+            (self.entropy_weight >= 0, "--entropy-weight must be >= 0"),
+            (self.entropy_weight == 0 or self.recipe != "supervised",
+             "--entropy-weight acts on unlabeled images, which the supervised recipe does not use: drop it"),
             (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
             (0 <= self.ema_decay < 1, "--ema-decay must be in [0, 1)"),
             (0 <= self.lr_decay_start < 1, "--lr-decay-start must be in [0, 1) (a fraction of --epochs)"),

@@ -100,6 +100,12 @@ def class_logits(logits: torch.Tensor, formulation: str) -> torch.Tensor:
     return logits[:, : num_classes_from_logits(formulation, logits.shape[1])]
 
 
+def class_entropy(logits: torch.Tensor, formulation: str) -> torch.Tensor:
+    """The mean over rows of the entropy of D's class posterior p(y | x, real) = softmax(class logits)."""
+    log_p = torch.log_softmax(class_logits(logits, formulation).float(), dim=1)
+    return -(log_p.exp() * log_p).sum(1).mean()
+
+
 def discriminator_loss_sums(logits: torch.Tensor, target: torch.Tensor, formulation: str,
                             check_targets: bool = True) -> torch.Tensor:
     """Reference loss sums [supervised CE, -log D over real, -log(1-D) over generated] as float32[3].

@@ -3,7 +3,7 @@
 D step (every recipe): D's logits for the labeled, unlabeled and generated batches (one forward per kind when D
 has BatchNorm, so that each kind is normalised by its own statistics; else one forward over all the rows); then
 one loss over all rows, with per-row targets (the class, UNLABELED or GENERATED):
-    loss = CE / n_labeled + w * (real / n_real + fake / n_generated)
+    loss = CE / n_labeled + w * (real / n_real + fake / n_generated) [+ e * mean class entropy of unlabeled rows]
 The supervised recipe has the labeled batch only: loss = CE / n_labeled.
 G step: the non-saturating -log D(G(z)) (odena), or feature matching (salimans): the squared gap between
 the mean features D gives a real batch and a generated one, means taken over all processes.
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .losses import GENERATED, UNLABELED
+from .losses import GENERATED, UNLABELED, class_entropy
 
 LOSS_TERMS = ("supervised", "real", "fake")  # the loss op's three sums, in its order (see sgan/losses.py)
 
@@ -37,6 +37,7 @@ class StepSettings:
     freeze_bn_on_fakes: bool  # generated batches leave D's BatchNorm running statistics alone
     g_clip_norm: float  # 0: G's gradient is not clipped
     loss_backend: str  # resolved: cpp, cuda or torch
+    entropy_weight: float = 0.0  # weight of the class entropy on unlabeled rows (0: off)
 
 
 @dataclass
@@ -152,7 +153,10 @@ def discriminator_loss(logits: list[Tensor], targets: list[Tensor], settings: St
     else:
         sums, n_real = loss_sums(torch.cat(logits), torch.cat(targets), settings), n_labeled + len(targets[1])
     unsupervised = sums["real"] / n_real + sums["fake"] / len(targets[2])
-    return sums["supervised"] / n_labeled + settings.unlabeled_weight * unsupervised, sums
+    loss = sums["supervised"] / n_labeled + settings.unlabeled_weight * unsupervised
+    if settings.entropy_weight > 0:  # confident class predictions on unlabeled images (Grandvalet & Bengio 2005)
+        loss = loss + settings.entropy_weight * class_entropy(logits[1], settings.formulation)
+    return loss, sums
 
 
 def has_batch_norm(module: nn.Module) -> bool:

@@ -313,7 +313,8 @@ def build_networks(config: TrainConfig, data: RunData, accelerator) -> Networks:
 def step_settings(config: TrainConfig, loss_backend: str) -> StepSettings:
     return StepSettings(config.formulation, config.unlabeled_weight, config.real_rows,
                         feature_matching=config.recipe == "salimans", freeze_bn_on_fakes=config.freeze_bn_on_fakes,
-                        g_clip_norm=config.g_clip_norm, loss_backend=loss_backend)
+                        g_clip_norm=config.g_clip_norm, loss_backend=loss_backend,
+                        entropy_weight=config.entropy_weight)
 
 
 @dataclass

@@ -8,8 +8,9 @@ from accelerate import Accelerator
 
 from sgan.losses import real_probability
 from sgan.models import NetworkSpec, build_discriminator, build_generator
+from sgan.losses import class_entropy
 from sgan.steps import (EMA, Networks, StepBatch, StepSettings, bn_stats_frozen, d_step, discriminator_logits,
-                        g_step)
+                        discriminator_loss, g_step)
 
 SPEC = NetworkSpec("odena", (1, 12, 12), num_classes=3, formulation="k-logit", latent_dim=8, d_width=4, g_width=4)
 
@@ -112,6 +113,30 @@ def test_d_logits_are_per_batch_whatever_the_forwards(batchnorm):
         torch.testing.assert_close(mine, expected)
     together = copy.deepcopy(nets.plain_d)(torch.cat(images))
     assert torch.allclose(together[:6], alone[0]) != batchnorm
+
+
+def test_the_entropy_term_adds_its_weight_times_the_unlabeled_class_entropy(accelerator):
+    torch.manual_seed(0)
+    logits = [torch.randn(6, 3), torch.randn(6, 3), torch.randn(6, 3)]
+    targets = [torch.arange(6) % 3, torch.full((6,), -1), torch.full((6,), -2)]
+    base, _ = discriminator_loss(logits, targets, settings())
+    weighted, _ = discriminator_loss(logits, targets, settings(entropy_weight=0.5))
+    torch.testing.assert_close(weighted - base, 0.5 * class_entropy(logits[1], "k-logit"))
+    uniform = torch.zeros(4, 3)
+    torch.testing.assert_close(class_entropy(uniform, "k-logit"), torch.log(torch.tensor(3.0)))
+    assert class_entropy(torch.tensor([[20.0, 0.0, 0.0]]), "k-logit") < 1e-6
+
+
+def test_a_d_step_with_the_entropy_term_makes_unlabeled_predictions_more_confident(accelerator):
+    entropies = {}
+    for weight in (0.0, 10.0):
+        nets, batch = tiny_networks(lr=1e-2), a_batch()
+        nets.plain_d.dropout.p = 0.0
+        for _ in range(5):
+            d_step(accelerator, nets, batch, settings(entropy_weight=weight))
+        with torch.no_grad():  # in training mode, as the step saw them (BatchNorm's running statistics are young)
+            entropies[weight] = class_entropy(nets.plain_d(batch.unlabeled), "k-logit").item()
+    assert entropies[10.0] < entropies[0.0] - 0.01, entropies  # a flipped sign would raise it
 
 
 def test_supervised_d_step_uses_the_labeled_batch_only(accelerator):

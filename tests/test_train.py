@@ -134,6 +134,8 @@ def test_learning_rate_holds_then_decays_linearly_to_zero():
         (["--lr", "-1"], "--lr must be > 0"),
         (["--g-clip-norm", "-1"], "--g-clip-norm must be >= 0"),
         (["--adam-eps", "0"], "--adam-eps must be > 0"),
+        (["--entropy-weight", "-0.1"], "--entropy-weight must be >= 0"),
+        (["--recipe", "supervised", "--entropy-weight", "0.1"], "the supervised recipe does not use"),
         (["--lr-decay-start", "1"], "--lr-decay-start must be in [0, 1)"),
         (["--num-labels", "105"], "not divisible by the 10 classes"),
         (["--config", "/nonexistent.yaml"], "no such file"),
