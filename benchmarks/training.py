@@ -9,8 +9,8 @@ throughput  trains each (recipe, backend) twice in this process, for --warmup-st
             the extra wall time: set-up, the first slow steps and the final evaluation cancel out. Side by side in
             one run, so the ratios hold even where absolute times are noisy. images/s counts the real images
             D trains on per step (labeled + unlabeled), as metrics.json does.
-time-to-accuracy  reads finished runs' metrics.json (per-epoch test accuracy and wall time, e.g. the study's
-            runs) and reports, per run and over the runs, the wall time and epoch at which the test accuracy
+time-to-accuracy  reads finished runs' metrics.json (per-epoch test or --split val accuracy and wall time, e.g.
+            the study's runs) and reports, per run and over the runs, the wall time and epoch at which the test accuracy
             first reached each target (evaluated once per epoch, so the time is that epoch's end).
 Both print a table and write JSON (default benchmarks/results/training_<command>.json).
 """
@@ -85,9 +85,9 @@ def throughput(args) -> dict:
     return {"command": "throughput", "machine": machine(), "rows": rows}
 
 
-def first_reaching(history: list[dict], target: float) -> dict | None:
+def first_reaching(history: list[dict], target: float, key: str = "test_accuracy") -> dict | None:
     for entry in history:
-        if entry["test_accuracy"] >= target:
+        if entry[key] >= target:
             return entry
     return None
 
@@ -104,6 +104,7 @@ def run_networks(run_dir: Path) -> str | None:
 
 
 def time_to_accuracy(args) -> dict:
+    key = f"{args.split}_accuracy"
     runs = []
     for run_dir in args.runs:
         path = Path(run_dir) / "metrics.json"
@@ -114,19 +115,22 @@ def time_to_accuracy(args) -> dict:
         if not history or "wall_seconds" not in history[0]:
             raise SystemExit(f"error: {path} has no per-epoch wall time (written by sgan before its history "
                              "recorded it): re-run that training")
+        if any(entry.get(key) is None for entry in history):
+            raise SystemExit(f"error: {path} has no {args.split} accuracy per epoch"
+                             + (" (train with --val-size N to hold out a validation split)" if args.split == "val" else ""))
         reached = {}
         for target in args.targets:
-            entry = first_reaching(history, target)
+            entry = first_reaching(history, target, key)
             reached[str(target)] = None if entry is None else {"epoch": entry["epoch"],
                                                                "wall_seconds": entry["wall_seconds"]}
         networks = metrics.get("networks") or run_networks(Path(run_dir))
         label = metrics["recipe"] + (f" ({networks} networks)" if networks not in (None, metrics["recipe"]) else "")
         runs.append({"run": str(run_dir), "recipe": metrics["recipe"], "label": label, "seed": metrics["seed"],
                      "num_labels": metrics["num_labels"], "epochs": metrics["epochs"],
-                     "final_accuracy": metrics["test_accuracy"],
-                     "best_accuracy": max(e["test_accuracy"] for e in history),
+                     "split": args.split, "final_accuracy": history[-1][key],
+                     "best_accuracy": max(e[key] for e in history),
                      "wall_seconds": metrics["wall_seconds"], "reached": reached, "history": history})
-    print(f"\ntime to test accuracy (evaluated once per epoch)")
+    print(f"\ntime to {args.split} accuracy (evaluated once per epoch)")
     header = f"{'run':<38} {'epochs':>6} {'final':>7} {'best':>7} " + " ".join(
         f"{'to ' + format(t, '.0%'):>16}" for t in args.targets)
     print(header)
@@ -150,13 +154,13 @@ def time_to_accuracy(args) -> dict:
         else:
             print(f"{target:.0%}: reached by none of the {len(runs)} runs")
     if args.plot:
-        plot_curves(runs, args.targets, args.plot)
+        plot_curves(runs, args.targets, args.plot, key)
         print(f"wrote {args.plot}")
     return {"command": "time-to-accuracy", "machine": machine(), "runs": runs, "summary": summary}
 
 
-def plot_curves(runs: list[dict], targets: list[float], path: Path) -> None:
-    """Test accuracy after each epoch, one line per run (colour per recipe), the targets as dashed lines."""
+def plot_curves(runs: list[dict], targets: list[float], path: Path, key: str = "test_accuracy") -> None:
+    """Test (or validation) accuracy after each epoch, one line per run (colour per recipe), the targets as dashed lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,12 +172,12 @@ def plot_curves(runs: list[dict], targets: list[float], path: Path) -> None:
         first = run["label"] not in colours  # one legend entry per label
         colour = colours.setdefault(run["label"], f"C{len(colours)}")
         epochs = [e["epoch"] for e in run["history"]]
-        accuracy = [100 * e["test_accuracy"] for e in run["history"]]
+        accuracy = [100 * e[key] for e in run["history"]]
         ax.plot(epochs, accuracy, color=colour, marker=".", label=run["label"] if first else None)
     for target in targets:
         ax.axhline(100 * target, color="grey", linestyle="--", linewidth=0.8)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(("validation" if key == "val_accuracy" else "test") + " accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -200,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     reach = commands.add_parser("time-to-accuracy", help="wall time to test-accuracy targets, from finished runs")
     reach.add_argument("runs", nargs="+", help="output directories of finished runs (with metrics.json)")
     reach.add_argument("--targets", type=lambda text: [float(t) for t in comma_list(text)], default=[0.98, 0.99])
+    reach.add_argument("--split", choices=("test", "val"), default="test",
+                       help="the accuracy to report: test, or val (runs with --val-size; the one to choose on)")
     reach.add_argument("--out", type=Path, default=RESULTS / "training_time_to_accuracy.json")
     reach.add_argument("--plot", type=lambda text: Path(text) if text else None,
                        default=RESULTS / "training_time_to_accuracy.png",

@@ -18,8 +18,9 @@ def bench():
     return module
 
 
-def write_run(path: Path, accuracies, seed: int, wall_per_epoch: float = 40.0) -> Path:
-    history = [{"epoch": i + 1, "step": 600 * (i + 1), "test_accuracy": a, "wall_seconds": wall_per_epoch * (i + 1)}
+def write_run(path: Path, accuracies, seed: int, wall_per_epoch: float = 40.0, val=None) -> Path:
+    history = [{"epoch": i + 1, "step": 600 * (i + 1), "test_accuracy": a, "wall_seconds": wall_per_epoch * (i + 1),
+                "val_accuracy": val[i] if val else None}
                for i, a in enumerate(accuracies)]
     path.mkdir(parents=True)
     (path / "metrics.json").write_text(json.dumps({
@@ -45,6 +46,18 @@ def test_time_to_accuracy_takes_the_first_epoch_at_or_above_each_target(tmp_path
                                          "median_epoch": 3.0}
     assert result["summary"]["0.99"]["runs_reaching"] == 1
     assert "not reached" in capsys.readouterr().out
+
+
+def test_time_to_accuracy_on_validation_reads_the_validation_curve(tmp_path, bench):
+    run = write_run(tmp_path / "a", [0.99, 0.99, 0.99], seed=0, val=[0.9, 0.97, 0.985])
+    out = tmp_path / "result.json"
+    assert bench.main(["time-to-accuracy", str(run), "--split", "val", "--out", str(out), "--plot", ""]) == 0
+    (result,) = json.loads(out.read_text())["runs"]
+    assert result["reached"]["0.98"] == {"epoch": 3, "wall_seconds": 120.0} and result["reached"]["0.99"] is None
+    assert result["final_accuracy"] == 0.985 and result["split"] == "val"
+    no_val = write_run(tmp_path / "b", [0.9], seed=0)
+    with pytest.raises(SystemExit, match="--val-size"):
+        bench.main(["time-to-accuracy", str(no_val), "--split", "val", "--out", str(out), "--plot", ""])
 
 
 def test_time_to_accuracy_refuses_runs_without_per_epoch_wall_time(tmp_path, bench):
@@ -79,3 +92,18 @@ def test_loss_benchmark_writes_every_column_and_the_exp_bound(tmp_path):
         # 2 exps per class logit at the measured per-element cost, on one thread
         assert ms["exp_bound"] == pytest.approx(2 * 64 * 3 * result["meta"]["exp_ns_per_element"] * 1e-6)
         assert row["exp_bound_over_floor"] == pytest.approx(ms["exp_bound"] / ms["floor"])
+
+
+def test_peak_turns_measured_steps_per_second_into_a_share_of_the_float32_peak():
+    spec = importlib.util.spec_from_file_location("bench_peak", SCRIPT.parent / "peak.py")
+    peak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peak)
+    result = {"peak_gflops": {"2": {"float32": {"best": 200.0}, "bf16": {"best": 400.0}}},
+              "flops_per_step": {"salimans": 4e9}}
+    compare = {"threads": 2, "rows": [{"recipe": "salimans", "base_steps_per_second": 20.0,
+                                       "this_steps_per_second": 40.0}]}
+    rows = {row["side"]: row for row in peak.share_of_peak(compare, result)}
+    assert rows["base"]["gflops"] == 80.0 and rows["base"]["share_of_float32_peak"] == 0.4
+    assert rows["this"]["share_of_float32_peak"] == 0.8
+    with pytest.raises(SystemExit, match="--threads"):
+        peak.share_of_peak({**compare, "threads": 1}, result)
