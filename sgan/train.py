@@ -442,11 +442,14 @@ def classifier_accuracy(accelerator, classifier, images, labels, formulation: st
 
     Takes an unwrapped network: a DDP forward would start a collective that processes with smaller shards skip."""
     classifier.eval()
+    # in float32 under mixed precision too: the classifier that is saved, predicts and is exported. (accelerate
+    # wraps a prepared model's forward, and so the EMA's, a copy of it, in autocast; this is the one it wrapped.)
+    forward = getattr(classifier, "_original_forward", classifier)
     mine = torch.tensor(batches.shard(len(images), accelerator.process_index, accelerator.num_processes))
     correct = torch.zeros((), dtype=torch.long, device=accelerator.device)
     for chunk in mine.split(batch_size):
         x, y = to_model_scale(images[chunk].to(accelerator.device)), labels[chunk].to(accelerator.device)
-        correct += (class_logits(classifier(x), formulation).argmax(dim=1) == y).sum()
+        correct += (class_logits(forward(x), formulation).argmax(dim=1) == y).sum()
     classifier.train()
     return int(accelerator.reduce(correct, reduction="sum")) / len(images)
 

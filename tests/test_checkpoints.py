@@ -132,6 +132,12 @@ def test_bf16_mixed_precision_trains(tmp_path, mnist_root):
     full = train(parse_config([*flags(tmp_path / "fp32", mnist_root, "--max-steps", "60", "--recipe", "supervised",
                                       "--checkpoint-every", "0")]))
     assert full["test_accuracy"] != metrics["test_accuracy"]  # autocast really ran in bfloat16
+    # the reported accuracy is the float32 classifier's, the one that is saved: evaluating the saved one agrees
+    from sgan.evaluate import main as evaluate_main
+
+    assert evaluate_main([str(tmp_path / "bf16"), "--data-root", str(mnist_root), "--cpu"]) == 0
+    evaluated = json.loads((tmp_path / "bf16" / "evaluation.json").read_text())
+    assert round(evaluated["test_accuracy"] * 10000) == round(metrics["test_accuracy"] * 10000)
 
 
 def test_sync_bn_on_cpu_is_a_clear_error(tmp_path, mnist_root, capsys):
