@@ -83,14 +83,18 @@ def find(resume: str, output_dir: Path) -> list[Path]:
     return [path]
 
 
-def read_state(path: Path, expected_fingerprint: dict) -> dict:
-    """The trainer state of a checkpoint, after checking it belongs to this run's configuration."""
+def read_state(path: Path, expected_fingerprint: dict, defaults: dict | None = None) -> dict:
+    """The trainer state of a checkpoint, after checking it belongs to this run's configuration.
+
+    A setting missing from an older checkpoint's fingerprint counts as its default in `defaults`: settings are
+    added with a default that keeps what runs did before them."""
     try:
         state = json.loads((path / STATE_FILE).read_text())
         step, theirs = int(state["step"]), dict(state["fingerprint"])
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CorruptCheckpoint(f"{path / STATE_FILE}: corrupt trainer state ({error}); resume from another "
                               "checkpoint or start again") from error
+    theirs = {**(defaults or {}), **theirs}
     differences = [f"{key}: checkpoint {theirs.get(key)!r}, this run {value!r}"
                    for key, value in expected_fingerprint.items() if theirs.get(key) != value]
     if differences:

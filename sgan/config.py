@@ -194,6 +194,11 @@ class TrainConfig:
     def fields_to_match_on_resume(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["resume"] == "match")
 
+    @classmethod
+    def field_defaults(cls) -> dict:
+        """Each field's own default (below recipes, config files and flags)."""
+        return {f.name: f.default for f in dataclasses.fields(cls)}
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -343,7 +343,7 @@ def resume(config: TrainConfig, accelerator, nets: Networks, data: RunData, sche
     candidates = checkpoints.find(config.resume, Path(config.output_dir))
     for i, path in enumerate(candidates):
         try:
-            state = checkpoints.read_state(path, progress.fingerprint)
+            state = checkpoints.read_state(path, progress.fingerprint, TrainConfig.field_defaults())
             checkpoints.load(accelerator, path)  # accelerate: every prepared model and optimiser, and RNG states
             if nets.ema is not None:
                 nets.ema.module.load_state_dict(checkpoints.load_tensors(path, "ema"))

@@ -307,3 +307,17 @@ def test_an_output_dir_that_fails_mid_run_is_a_message_and_keeps_the_checkpoint(
     monkeypatch.setattr(sgan.train, "write_outputs", real)
     assert main(flags(out, mnist_root, "--max-steps", "2", "--recipe", "supervised", "--resume", "latest")) == 0
     assert (out / "metrics.json").is_file()
+
+
+def test_a_setting_added_after_a_checkpoint_counts_as_its_default(tmp_path):
+    """An older checkpoint lacks fingerprint keys of settings added since; their defaults keep old behaviour, so
+    the checkpoint resumes at the default and is refused with any other value."""
+    from sgan.checkpoints import STATE_FILE, CheckpointError, read_state
+
+    (tmp_path / STATE_FILE).write_text(json.dumps({"step": 5, "fingerprint": {"lr": 0.003}}))
+    defaults = {"lr": 0.0002, "entropy_weight": 0.0}
+    assert read_state(tmp_path, {"lr": 0.003, "entropy_weight": 0.0}, defaults)["step"] == 5
+    with pytest.raises(CheckpointError, match="entropy_weight: checkpoint 0.0, this run 0.5"):
+        read_state(tmp_path, {"lr": 0.003, "entropy_weight": 0.5}, defaults)
+    with pytest.raises(CheckpointError, match="lr: checkpoint 0.003, this run 0.0002"):  # present keys still count
+        read_state(tmp_path, {"lr": 0.0002, "entropy_weight": 0.0}, defaults)
