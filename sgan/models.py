@@ -153,7 +153,8 @@ class GaussianNoise(nn.Module):
         self.sigma = sigma
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.sigma * torch.randn_like(x) if self.training and self.sigma > 0 else x
+        # one fused x + sigma * noise (not a multiply, then an add: one pass over the rows fewer)
+        return torch.add(x, torch.randn_like(x), alpha=self.sigma) if self.training and self.sigma > 0 else x
 
 
 class WNLinear(nn.Module):
