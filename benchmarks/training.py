@@ -125,6 +125,8 @@ def time_to_accuracy(args) -> dict:
                                                                "wall_seconds": entry["wall_seconds"]}
         networks = metrics.get("networks") or run_networks(Path(run_dir))
         label = metrics["recipe"] + (f" ({networks} networks)" if networks not in (None, metrics["recipe"]) else "")
+        if args.label_by_dir:  # runs of one recipe that differ in other flags
+            label = Path(run_dir).name
         runs.append({"run": str(run_dir), "recipe": metrics["recipe"], "label": label, "seed": metrics["seed"],
                      "num_labels": metrics["num_labels"], "epochs": metrics["epochs"],
                      "split": args.split, "final_accuracy": history[-1][key],
@@ -204,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     reach = commands.add_parser("time-to-accuracy", help="wall time to test-accuracy targets, from finished runs")
     reach.add_argument("runs", nargs="+", help="output directories of finished runs (with metrics.json)")
     reach.add_argument("--targets", type=lambda text: [float(t) for t in comma_list(text)], default=[0.98, 0.99])
+    reach.add_argument("--label-by-dir", action="store_true",
+                       help="name each run by its folder (default: by recipe, one colour per recipe)")
     reach.add_argument("--split", choices=("test", "val"), default="test",
                        help="the accuracy to report: test, or val (runs with --val-size; the one to choose on)")
     reach.add_argument("--out", type=Path, default=RESULTS / "training_time_to_accuracy.json")

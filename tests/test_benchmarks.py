@@ -51,8 +51,10 @@ def test_time_to_accuracy_takes_the_first_epoch_at_or_above_each_target(tmp_path
 def test_time_to_accuracy_on_validation_reads_the_validation_curve(tmp_path, bench):
     run = write_run(tmp_path / "a", [0.99, 0.99, 0.99], seed=0, val=[0.9, 0.97, 0.985])
     out = tmp_path / "result.json"
-    assert bench.main(["time-to-accuracy", str(run), "--split", "val", "--out", str(out), "--plot", ""]) == 0
+    assert bench.main(["time-to-accuracy", str(run), "--split", "val", "--label-by-dir", "--out", str(out),
+                       "--plot", ""]) == 0
     (result,) = json.loads(out.read_text())["runs"]
+    assert result["label"] == "a"
     assert result["reached"]["0.98"] == {"epoch": 3, "wall_seconds": 120.0} and result["reached"]["0.99"] is None
     assert result["final_accuracy"] == 0.985 and result["split"] == "val"
     no_val = write_run(tmp_path / "b", [0.9], seed=0)
