@@ -13,8 +13,8 @@ from sgan.train import train
 def test_recipe_defaults_sit_below_config_files_and_flags(tmp_path):
     config = parse_config(["--recipe", "salimans"])
     assert (config.lr, config.beta1, config.adam_eps, config.formulation, config.real_rows, config.ema_decay,
-            config.lr_decay, config.g_clip_norm, config.epochs) == (0.003, 0.5, 1e-4, "k-logit", "unlabeled", 0.999, "none",
-                                                                    10.0, 20)
+            config.lr_decay, config.g_clip_norm, config.epochs, config.mixed_precision) == (
+        0.003, 0.5, 1e-4, "k-logit", "unlabeled", 0.999, "none", 10.0, 100, "auto")
     assert parse_config(["--recipe", "salimans", "--lr", "0.001"]).lr == 0.001
     file = tmp_path / "s.yaml"
     file.write_text("recipe: salimans\nema_decay: 0.99\n")
