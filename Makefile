@@ -9,7 +9,7 @@ LAUNCH_ARGS ?= --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_
 # Flags for pytest, e.g. make test PYTEST_ARGS="-m slow"
 PYTEST_ARGS ?=
 
-.PHONY: setup train test test-all cuda-check gpu-check benchmark benchmark-training study docs clean
+.PHONY: setup train test test-all cuda-check gpu-check benchmark benchmark-training paper-results study docs clean
 
 setup: $(VENV)/.installed data/MNIST/raw/.prepared
 
@@ -57,6 +57,11 @@ benchmark: setup
 # Training throughput per recipe and loss backend (benchmarks/training.py; time-to-accuracy: see RESULTS.md)
 benchmark-training: setup
 	$(PY) benchmarks/training.py throughput $(ARGS)
+
+# issue 14's wider results: salimans against its supervised baseline, MNIST 20/50/100 and Fashion-MNIST 100
+# labels, fresh seeds 100-104 (many hours; resumable; ARGS="--dry-run" shows the plan)
+paper-results: setup
+	$(PY) benchmarks/paper.py $(ARGS)
 
 # The label-budget study (see README, "Studies"), e.g. make study ARGS="--dry-run"
 study: setup

@@ -109,3 +109,25 @@ def test_peak_turns_measured_steps_per_second_into_a_share_of_the_float32_peak()
     assert rows["this"]["share_of_float32_peak"] == 0.8
     with pytest.raises(SystemExit, match="--threads"):
         peak.share_of_peak({**compare, "threads": 1}, result)
+
+
+def test_the_paper_results_baseline_shares_the_salimans_settings_and_schedule(tmp_path):
+    import argparse
+    import shlex
+
+    from sgan.config import parse_config
+
+    spec = importlib.util.spec_from_file_location("bench_paper", SCRIPT.parent / "paper.py")
+    paper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paper)
+    commands = paper.study_commands(argparse.Namespace(study_dir=tmp_path, seeds=[100, 101], jobs=2))
+    supervised = commands["supervised"]
+    extra = shlex.split(supervised[supervised.index("--extra") + 1])
+    epochs = int(supervised[supervised.index("--epochs") + 1])
+    baseline = parse_config(["--recipe", "supervised", "--epochs", str(epochs), *extra])
+    salimans = parse_config(["--recipe", "salimans"])
+    for name in ("lr", "beta1", "adam_eps", "ema_decay", "mixed_precision", "epochs", "batch_size"):
+        assert getattr(baseline, name) == getattr(salimans, name), name
+    assert baseline.network_family() == "salimans"
+    assert "--epochs" not in commands["salimans"]  # the recipe's own schedule
+    assert commands["salimans"][commands["salimans"].index("--seeds") + 1:][:2] == ["100", "101"]
