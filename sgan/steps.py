@@ -95,18 +95,19 @@ class Networks:
         return self.ema.module if self.ema is not None else self.plain_d
 
 
+def batch_norm_layers(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 @contextmanager
 def bn_stats_frozen(module: nn.Module, enabled: bool = True):
     """BatchNorm still normalises by the batch's statistics but leaves its running statistics and batch
     counter alone (in training mode, track_running_stats=False does exactly that).
 
     Used for generated batches, so that the running statistics used at test time describe real images."""
-    saved = []
-    if enabled:
-        for m in module.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-                saved.append(m)
-                m.track_running_stats = False
+    saved = [m for m in batch_norm_layers(module) if m.track_running_stats] if enabled else []
+    for m in saved:
+        m.track_running_stats = False
     try:
         yield
     finally:
@@ -159,10 +160,6 @@ def discriminator_loss(logits: list[Tensor], targets: list[Tensor], settings: St
     return loss, sums
 
 
-def has_batch_norm(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
-
-
 def discriminator_logits(nets: Networks, images: list[Tensor], settings: StepSettings) -> list[Tensor]:
     """D's logits for each batch of `images`: [labeled] or [labeled, unlabeled, generated].
 
@@ -173,7 +170,7 @@ def discriminator_logits(nets: Networks, images: list[Tensor], settings: StepSet
     d = nets.discriminator
     if len(images) == 1:
         return [d(images[0])]
-    if not has_batch_norm(nets.plain_d):
+    if not batch_norm_layers(nets.plain_d):
         return list(d(torch.cat(images)).split([len(x) for x in images]))
     logits = [d(x) for x in images[:-1]]
     with bn_stats_frozen(d, settings.freeze_bn_on_fakes):
