@@ -146,8 +146,8 @@ def train(config: TrainConfig, source: ImageSource | None = None) -> dict:
 
 def resolve_precision(mixed_precision: str, on_cuda: bool) -> str:
     """--mixed-precision auto: bf16 where bf16 matrix products are native, else "no". Here (AVX512-BF16) a
-    bf16 product runs 2.1-2.3x as fast as a float32 one (benchmarks/results/...); where bf16 is emulated it
-    would be slower."""
+    bf16 product of D's shapes runs 2.1-2.3x as fast as a float32 one (benchmarks/results/peak.json); where
+    bf16 is emulated it would be slower."""
     if mixed_precision != "auto":
         return mixed_precision
     if on_cuda:
