@@ -99,6 +99,9 @@ class TrainConfig:
                             choices=("all", "unlabeled"))
     g_clip_norm: float = option(0.0, "clip G's gradient to this norm (0: off). One huge G gradient fills Adam's "
                                 "second moment and stalls G for thousands of steps", resume="match")
+    feature_layer: int = option(-1, "the D layer whose mean features G matches (salimans recipe): -1 the last "
+                                "hidden layer (the paper's), -2 the one before, and so on", resume="match")
+    g_steps: int = option(1, "G updates per D update, each on fresh noise", resume="match")
     seed: int = option(0, "seed for the labeled subset, initialisation and batches", resume="match")
     output_dir: str = option("runs/default", "where the run writes its files", resume="free")
     data_root: str | None = option(None, "data root (default: $SGAN_DATA_ROOT or ./data)", resume="free")
@@ -160,6 +163,14 @@ class TrainConfig:
             (0 <= self.ema_decay < 1, "--ema-decay must be in [0, 1)"),
             (0 <= self.lr_decay_start < 1, "--lr-decay-start must be in [0, 1) (a fraction of --epochs)"),
             (self.g_clip_norm >= 0, "--g-clip-norm must be >= 0 (0 turns clipping off)"),
+            (self.feature_layer <= -1, "--feature-layer counts back from D's last hidden layer: -1 (the paper's), "
+                                       "-2, ..."),
+            (self.feature_layer == -1 or self.recipe == "salimans",
+             f"--feature-layer chooses the layer the salimans recipe's G matches; the {self.recipe} recipe's G does "
+             "not match features: drop it"),
+            (self.g_steps >= 1, "--g-steps must be >= 1"),
+            (self.g_steps == 1 or self.recipe != "supervised",
+             "--g-steps sets G's updates, and the supervised recipe has no G: drop it"),
             (self.eval_batch_size >= 1, "--eval-batch-size must be >= 1"),
             (self.val_size >= 0, "--val-size must be >= 0"),
             (self.image_size is None or self.image_size in SUPPORTED_SIZES,

@@ -203,10 +203,19 @@ class WNLinear(nn.Module):
         return (y - mean.view(shape)) * (self.init_scale / std).view(shape)
 
 
+def feature_depth(layer: int, count: int) -> int:
+    """How many of D's `count` hidden layers run to reach feature layer `layer` (-1: the last, -count: the first)."""
+    if not -count <= layer <= -1:
+        raise ValueError(f"--feature-layer {layer}: this D has {count} hidden layers, so it takes -1 (the last, the "
+                         f"paper's) to -{count} (the first)")
+    return count + 1 + layer
+
+
 class SalimansDiscriminator(nn.Module):
     """MLP 784-1000-500-250-250-250-K, weight-normalised, Gaussian noise (0.3 on the input, 0.5 after each
     hidden layer). Takes images in [-1, 1] (rescaled to [0, 1] inside, the paper's scale). `features(x)`
-    is the last hidden layer, the one feature matching compares."""
+    is the last hidden layer (after its ReLU, before its noise), the one the paper's feature matching compares;
+    `features(x, -2)` the one before, and so on."""
 
     HIDDEN = (1000, 500, 250, 250, 250)
 
@@ -221,16 +230,22 @@ class SalimansDiscriminator(nn.Module):
         self.noise = nn.ModuleList(GaussianNoise(hidden_noise) for _ in self.HIDDEN)
         self.head = WNLinear(sizes[-1], num_logits(formulation, num_classes), init_std=0.1)
 
-    def _hidden(self, x: torch.Tensor, init: bool = False) -> torch.Tensor:
+    @property
+    def hidden_layer_count(self) -> int:
+        return len(self.hidden)
+
+    def _hidden(self, x: torch.Tensor, init: bool = False, depth: int | None = None) -> torch.Tensor:
+        """The output of hidden layer `depth` (default: the last), after its ReLU; noise between the layers."""
+        depth = len(self.hidden) if depth is None else depth
         h = self.input_noise((x.flatten(1) + 1) / 2)
-        for index, (layer, noise) in enumerate(zip(self.hidden, self.noise)):
+        for index, (layer, noise) in enumerate(zip(self.hidden[:depth], self.noise)):
             h = torch.relu(layer.init_from(h) if init else layer(h))
-            if index < len(self.hidden) - 1:
+            if index < depth - 1:
                 h = noise(h)
         return h
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self._hidden(x)
+    def features(self, x: torch.Tensor, layer: int = -1) -> torch.Tensor:
+        return self._hidden(x, depth=feature_depth(layer, len(self.hidden)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.noise[-1](self._hidden(x)))
@@ -342,7 +357,8 @@ class SalimansConvDiscriminator(nn.Module):
     a-a-a (stride 2), dropout 0.5, b-b-b (stride 2), dropout 0.5, b 3x3 valid, b 1x1, b 1x1, all with
     lrelu(0.2); global average pooling; a weight-normalised dense layer to the formulation's logits.
     (a, b) = widths: (96, 192) for CIFAR-10, (64, 128) in the paper's SVHN code. Takes images in [-1, 1] (the
-    paper's scale). `features(x)` is the pooled layer (b features), the one feature matching compares.
+    paper's scale). `features(x)` is the last conv layer, pooled (b features), the one the paper's feature
+    matching compares; `features(x, -2)` the conv layer before it, pooled, and so on.
 
     Rule for other sizes: one stage (three convs, the last stride 2, then dropout) per halving until the map is
     at most 8x8, as the paper's 32 -> 16 -> 8 (48 -> 6: three stages, 128 -> 8: four); the first stage is a wide,
@@ -371,17 +387,25 @@ class SalimansConvDiscriminator(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.head = WNLinear(b, num_logits(formulation, num_classes), init_scale=0.1, train_scale=True)
 
-    def _features(self, x: torch.Tensor, init: bool = False) -> torch.Tensor:
-        h = x
+    @property
+    def hidden_layer_count(self) -> int:
+        return sum(isinstance(layer, WNConv2d) for layer in self.layers)
+
+    def _features(self, x: torch.Tensor, init: bool = False, depth: int | None = None) -> torch.Tensor:
+        """Conv layer `depth`'s output (default: the last), after its activation, globally average-pooled."""
+        h, convs = x, 0
         for layer in self.layers:
             if isinstance(layer, WNConv2d):
                 h = nn.functional.leaky_relu(layer.init_from(h) if init else layer(h), 0.2)
+                convs += 1
+                if convs == depth:
+                    break
             else:
                 h = layer(h)
         return h.mean(dim=(2, 3))  # global average pooling
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self._features(x)
+    def features(self, x: torch.Tensor, layer: int = -1) -> torch.Tensor:
+        return self._features(x, depth=feature_depth(layer, self.hidden_layer_count))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self._features(x))
@@ -477,6 +501,12 @@ def build_discriminator(spec: NetworkSpec) -> nn.Module:
                                          widths=spec.salimans_conv_widths, image_size=size)
     return Discriminator(spec.num_classes, spec.formulation, width=spec.d_width, channels=channels,
                          dropout=spec.dropout, batchnorm=spec.d_batchnorm, image_size=size)
+
+
+def check_feature_layer(spec: NetworkSpec, layer: int) -> None:
+    """A ValueError naming the valid range when the salimans D of `spec` has no hidden layer `layer`."""
+    with torch.device("meta"):  # for its layer count only: no memory, no initialisation
+        feature_depth(layer, build_discriminator(spec).hidden_layer_count)
 
 
 def build_generator(spec: NetworkSpec) -> nn.Module:

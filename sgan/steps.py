@@ -5,8 +5,9 @@ has BatchNorm, so that each kind is normalised by its own statistics; else one f
 one loss over all rows, with per-row targets (the class, UNLABELED or GENERATED):
     loss = CE / n_labeled + w * (real / n_real + fake / n_generated) [+ e * mean class entropy of unlabeled rows]
 The supervised recipe has the labeled batch only: loss = CE / n_labeled.
-G step: the non-saturating -log D(G(z)) (odena), or feature matching (salimans): the squared gap between
-the mean features D gives a real batch and a generated one, means taken over all processes.
+G step (--g-steps per D step): the non-saturating -log D(G(z)) (odena), or feature matching (salimans): the
+squared gap between the mean features one D layer gives a real batch and a generated one, means taken over
+all processes.
 
 Nothing here reads a value back to the host: losses are returned as tensors on the device, so on a GPU a
 step is queued without waiting for the previous one (the loop reads them every --log-every steps).
@@ -38,6 +39,7 @@ class StepSettings:
     g_clip_norm: float  # 0: G's gradient is not clipped
     loss_backend: str  # resolved: cpp, cuda or torch
     entropy_weight: float = 0.0  # weight of the class entropy on unlabeled rows (0: off)
+    feature_layer: int = -1  # the D layer feature matching compares (-1: the last hidden layer)
 
 
 @dataclass
@@ -215,9 +217,10 @@ def generator_loss(plain_d: nn.Module, generator: nn.Module, z: Tensor, matching
                    settings: StepSettings) -> Tensor:
     """G's loss on G(z) against the unwrapped D: feature matching (salimans; `matching` is the real batch it
     compares with) or the non-saturating -log D(G(z)), a mean over the rows."""
-    if settings.feature_matching:  # squared gap of the mean last-hidden-layer features
-        real = mean_over_processes(plain_d.features(matching))
-        return (real - mean_over_processes(plain_d.features(generator(z)))).square().mean()
+    if settings.feature_matching:  # squared gap of the mean features of one D layer (the last hidden one: -1)
+        real = mean_over_processes(plain_d.features(matching, settings.feature_layer))
+        fake = mean_over_processes(plain_d.features(generator(z), settings.feature_layer))
+        return (real - fake).square().mean()
     fake_logits = plain_d(generator(z))
     targets = torch.full((len(fake_logits),), UNLABELED, device=fake_logits.device)  # G wants fakes taken as real
     return loss_sums(fake_logits, targets, settings)["real"] / len(fake_logits)

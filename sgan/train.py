@@ -32,7 +32,7 @@ from .config import TrainConfig, parse_config
 from .data import DataError, as_tensor, is_builtin, open_source, parse_num_labels, split_labeled_pool, to_model_scale
 from .images import ImageError, ImageSource
 from .losses import class_logits
-from .models import build_discriminator, build_generator
+from .models import build_discriminator, build_generator, check_feature_layer
 from .steps import EMA, Networks, StepBatch, StepSettings, d_step, g_step
 from .tracking import start_tracker, wandb_images
 
@@ -54,6 +54,9 @@ def train(config: TrainConfig, source: ImageSource | None = None) -> dict:
         raise ValueError("--sync-bn synchronises BatchNorm across GPUs and needs CUDA; this run is on "
                          f"{device.type}: drop --sync-bn")
     data = load_data(config, accelerator, source)  # before the output dir: bad data leaves no empty folder
+    if config.recipe == "salimans":
+        check_feature_layer(config.network_spec(data.source.image_shape, len(data.source.class_names)),
+                            config.feature_layer)
     claim_output_dir(config, output_dir, accelerator)
     schedule = Schedule.of(config, len(data.unlabeled_rows), world_size)
     nets = build_networks(config, data, accelerator)
@@ -96,8 +99,8 @@ def train(config: TrainConfig, source: ImageSource | None = None) -> dict:
             set_learning_rate(nets, learning_rate(config, step, schedule.schedule_steps))
             batch = data.batch(step)
             losses = d_step(accelerator, nets, batch, settings)
-            if nets.generator is not None:
-                losses["g_loss"] = g_step(accelerator, nets, batch, settings)
+            for _ in range(config.g_steps if nets.generator is not None else 0):
+                losses["g_loss"] = g_step(accelerator, nets, batch, settings)  # each on fresh noise z
             monitor.add(done, losses)
             bar.update(1)
 
@@ -314,7 +317,7 @@ def step_settings(config: TrainConfig, loss_backend: str) -> StepSettings:
     return StepSettings(config.formulation, config.unlabeled_weight, config.real_rows,
                         feature_matching=config.recipe == "salimans", freeze_bn_on_fakes=config.freeze_bn_on_fakes,
                         g_clip_norm=config.g_clip_norm, loss_backend=loss_backend,
-                        entropy_weight=config.entropy_weight)
+                        entropy_weight=config.entropy_weight, feature_layer=config.feature_layer)
 
 
 @dataclass

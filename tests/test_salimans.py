@@ -142,3 +142,60 @@ def test_the_saved_and_evaluated_classifier_is_the_moving_average(tmp_path, mnis
     with torch.no_grad():
         correct = int((model(images).argmax(1) == labels).sum())
     assert correct == round(metrics["test_accuracy"] * 10000)  # the very images the run scored right
+
+
+def test_feature_layer_picks_a_hidden_layer_counted_back_from_the_last():
+    torch.manual_seed(0)
+    d = SalimansDiscriminator(10).eval()  # no noise: features are a function of the images
+    images = torch.rand(4, 1, 28, 28) * 2 - 1
+    h, outputs = (images.flatten(1) + 1) / 2, []
+    for layer in d.hidden:  # each hidden layer's output after its ReLU, computed here
+        h = torch.relu(layer(h))
+        outputs.append(h)
+    for back in range(1, 6):
+        torch.testing.assert_close(d.features(images, -back), outputs[-back])
+    torch.testing.assert_close(d.features(images), outputs[-1])
+    with pytest.raises(ValueError, match=r"--feature-layer -6: this D has 5 hidden layers.*-1 .* to -5"):
+        d.features(images, -6)
+
+
+def test_conv_feature_layer_pools_the_chosen_conv_layer():
+    from sgan.models import SalimansConvDiscriminator, WNConv2d
+
+    torch.manual_seed(0)
+    d = SalimansConvDiscriminator(10, widths=(8, 16)).eval()
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    h, pooled = images, []
+    for layer in d.layers:
+        h = torch.nn.functional.leaky_relu(layer(h), 0.2) if isinstance(layer, WNConv2d) else layer(h)
+        if isinstance(layer, WNConv2d):
+            pooled.append(h.mean(dim=(2, 3)))
+    assert d.hidden_layer_count == len(pooled) == 9
+    torch.testing.assert_close(d.features(images), pooled[-1])
+    torch.testing.assert_close(d.features(images, -4), pooled[-4])
+    assert d.features(images, -9).shape == (2, 8)  # the first stage is a wide
+
+
+def test_a_feature_layer_the_network_lacks_stops_before_the_output_dir(tmp_path, mnist_root):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="this D has 5 hidden layers"):
+        train(parse_config(["--recipe", "salimans", "--feature-layer", "-6", "--max-steps", "1", "--tracker", "none",
+                            "--cpu", "--output-dir", str(out), "--data-root", str(mnist_root)]))
+    assert not out.exists()
+
+
+def test_g_steps_updates_g_that_many_times_per_d_step(tmp_path, mnist_root, monkeypatch):
+    import sgan.train
+
+    calls = {"d": 0, "g": 0}
+    for name in ("d", "g"):
+        original = getattr(sgan.train, f"{name}_step")
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(sgan.train, f"{name}_step", counted)
+    train(parse_config(["--recipe", "salimans", "--g-steps", "3", "--max-steps", "4", "--tracker", "none", "--cpu",
+                        "--output-dir", str(tmp_path / "run"), "--data-root", str(mnist_root)]))
+    assert calls == {"d": 4, "g": 12}

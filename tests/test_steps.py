@@ -217,3 +217,18 @@ def test_a_step_reads_nothing_back_from_the_device(tmp_path, mnist_root, monkeyp
     few, many = reads_in_a_run(3), reads_in_a_run(13)
     assert few > 0  # the counter works: the final evaluation and the loss read count
     assert many == few, f"{(many - few) / 10:.1f} host reads per step"
+
+
+def test_feature_matching_compares_the_chosen_layer(accelerator):
+    from sgan.steps import generator_loss
+
+    spec = NetworkSpec("salimans", (1, 28, 28), 3, "k-logit")
+    torch.manual_seed(0)
+    d, g = build_discriminator(spec).eval(), build_generator(spec)
+    matching, z = torch.rand(8, 1, 28, 28) * 2 - 1, g.sample_latent(8, "cpu")
+    for layer in (-1, -3):
+        expected = (d.features(matching, layer).mean(0) - d.features(g(z), layer).mean(0)).square().mean()
+        got = generator_loss(d, g, z, matching, settings(feature_matching=True, feature_layer=layer))
+        torch.testing.assert_close(got, expected)
+    assert not torch.equal(generator_loss(d, g, z, matching, settings(feature_matching=True, feature_layer=-3)),
+                           generator_loss(d, g, z, matching, settings(feature_matching=True)))
