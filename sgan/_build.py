@@ -27,14 +27,15 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"  # inside the package, so an installed wheel carries it
-# loss_op.cpp holds the schemas, autograd and module init; the kernels register themselves per device.
-CPU_SOURCES = ["loss_op.cpp", "cpu/loss_cpu.cpp"]
+# loss_op.cpp holds the loss op's schemas, autograd and the module init, noise_op.cpp the noise op's schema and
+# autograd; the kernels register themselves per device.
+CPU_SOURCES = ["loss_op.cpp", "noise_op.cpp", "cpu/loss_cpu.cpp", "cpu/noise_cpu.cpp"]
 CUDA_SOURCES = ["cuda/loss_cuda.cu"]
 # -fopenmp on both compile and link: at::parallel_for is an OpenMP loop in the headers, so without it the
 # CPU kernel silently runs on one thread. -fno-trapping-math lets GCC vectorise the branch-free exp/log
 # loops and row reductions (their selects would otherwise count as control flow); NaN and inf handling
-# are unchanged.
-CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"]
+# are unchanged. -fno-math-errno lets sqrt vectorise (no errno for a negative argument: none is ever read).
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
 LINK_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3"]
 # CUDA 13 builds for compute capability 7.5 (Turing) and newer; PTX of the newest target JIT-compiles on

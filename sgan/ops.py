@@ -43,7 +43,8 @@ from torch import Tensor
 
 from sgan.losses import discriminator_loss_sums as reference_loss_sums
 
-__all__ = ["BACKENDS", "ENV_VAR", "available_backends", "discriminator_loss_sums", "resolve_backend"]
+__all__ = ["BACKENDS", "ENV_VAR", "add_gaussian_noise", "available_backends", "discriminator_loss_sums",
+           "resolve_backend"]
 
 BACKENDS = ("auto", "cpp", "cuda", "torch")
 ENV_VAR = "SGAN_LOSS_BACKEND"
@@ -65,6 +66,25 @@ def discriminator_loss_sums(
     if _resolve(backend, logits.device.type) == "torch":
         return reference_loss_sums(logits, target, formulation, check_targets)
     return torch.ops.sgan.loss_sums.default(logits, target, formulation, check_targets)[0]
+
+
+def add_gaussian_noise(x: Tensor, sigma: float) -> Tensor:
+    """x + sigma * N(0, 1) noise, elementwise; differentiable in x (its gradient passes through unchanged).
+
+    On CPU tensors, the compiled op (sgan/csrc/cpu/noise_cpu.cpp): a counter-based generator every thread
+    draws from at once, ~3x as fast as torch's serial generator on one thread. Its 64-bit key comes from
+    torch's default generator, so torch.manual_seed makes the noise repeatable, as with torch.randn. The
+    noise itself differs from torch.randn's. Elsewhere (CUDA, whose torch generator already runs in
+    parallel), or when the op cannot run (the same rules as the loss op's "auto"), plain torch.randn_like."""
+    if x.device.type == "cpu" and _resolve("auto", "cpu") == "cpp":
+        key = int(torch.empty((), dtype=torch.int64).random_())  # from the default generator: [0, 2^63)
+        return torch.ops.sgan.add_gaussian_noise.default(x, sigma, key)
+    return reference_gaussian_noise(x, sigma)
+
+
+def reference_gaussian_noise(x: Tensor, sigma: float) -> Tensor:
+    """The plain-PyTorch noise: one fused x + sigma * noise (not a multiply, then an add: one pass fewer)."""
+    return torch.add(x, torch.randn_like(x), alpha=sigma)
 
 
 def available_backends() -> list[str]:
@@ -176,6 +196,10 @@ def _register_fake() -> None:
         torch._check_value(logits.device == target.device, lambda: f"logits on {logits.device}, target on {target.device}")
         acc = _accumulate_dtype(logits.dtype)
         return logits.new_empty(3, dtype=acc), logits.new_empty(logits.shape[0], dtype=acc)
+
+    @torch.library.register_fake("sgan::add_gaussian_noise")
+    def _add_gaussian_noise_fake(x, sigma, key):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("sgan::loss_sums_backward")
     def _loss_sums_backward_fake(grad_sums, logits, target, row_lse, formulation):

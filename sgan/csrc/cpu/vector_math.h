@@ -1,6 +1,6 @@
 // The CPU kernels' vectorised math: exp and log of whole buffers, and row reductions that vectorise.
-// Included by cpu/loss_cpu.cpp only (its functions are internal to that file, which also exposes exp and
-// log to the tests as sgan::_vector_math).
+// Included by cpu/loss_cpu.cpp (which also exposes exp and log to the tests as sgan::_vector_math) and
+// cpu/noise_cpu.cpp (log only); its functions are internal to each (hence [[maybe_unused]]).
 //
 // Transcendentals are most of the work: an exp per logit in the forward and in the backward, and a few
 // per row. glibc's scalar expf/logf would make the op several times slower than memory bandwidth, so the
@@ -41,7 +41,7 @@ inline int32_t float_to_bits(float f) {
 }
 
 // y = exp(y), elementwise.
-SGAN_CPU_CLONES void exp_block(float* __restrict y, int64_t n) {
+[[maybe_unused]] SGAN_CPU_CLONES void exp_block(float* __restrict y, int64_t n) {
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer held in the low bits
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
@@ -65,7 +65,7 @@ SGAN_CPU_CLONES void exp_block(float* __restrict y, int64_t n) {
 }
 
 // y = log(y), elementwise, for y that are 0, normal floats or inf (here: sums of exps >= 1, or 1 + e).
-SGAN_CPU_CLONES void log_block(float* __restrict y, int64_t n) {
+[[maybe_unused]] SGAN_CPU_CLONES void log_block(float* __restrict y, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const float x = y[i];
@@ -93,11 +93,11 @@ SGAN_CPU_CLONES void log_block(float* __restrict y, int64_t n) {
   }
 }
 
-void exp_block(double* y, int64_t n) {
+[[maybe_unused]] void exp_block(double* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = exp_(y[i]);
 }
 
-void log_block(double* y, int64_t n) {
+[[maybe_unused]] void log_block(double* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = log_(y[i]);
 }
 
