@@ -120,7 +120,8 @@ def test_the_paper_results_baseline_shares_the_salimans_settings_and_schedule(tm
     spec = importlib.util.spec_from_file_location("bench_paper", SCRIPT.parent / "paper.py")
     paper = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(paper)
-    commands = paper.study_commands(argparse.Namespace(study_dir=tmp_path, seeds=[100, 101], jobs=2))
+    commands = paper.study_commands(argparse.Namespace(study_dir=tmp_path, seeds=[100, 101], jobs=2,
+                                                       labels=paper.LABELS))
     supervised = commands["supervised"]
     extra = shlex.split(supervised[supervised.index("--extra") + 1])
     epochs = int(supervised[supervised.index("--epochs") + 1])
@@ -131,3 +132,7 @@ def test_the_paper_results_baseline_shares_the_salimans_settings_and_schedule(tm
     assert baseline.network_family() == "salimans"
     assert "--epochs" not in commands["salimans"]  # the recipe's own schedule
     assert commands["salimans"][commands["salimans"].index("--seeds") + 1:][:2] == ["100", "101"]
+    for command in commands.values():  # the label budgets, the headline's first
+        assert command[command.index("--labels") + 1:][:2] == ["mnist=100,50,20", "fashion-mnist=100"]
+    headline = paper.study_commands(argparse.Namespace(study_dir=tmp_path, seeds=[100], jobs=1, labels=["mnist=100"]))
+    assert headline["salimans"][headline["salimans"].index("--labels") + 1:][:2] == ["mnist=100", "--seeds"]
