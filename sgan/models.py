@@ -107,7 +107,7 @@ class Generator(nn.Module):
 
 class Discriminator(nn.Module):
     """(Conv2d stride 2 + BatchNorm + LeakyReLU) per stage -> flatten -> dropout -> one linear to the logits.
-    `features(x)` gives the flattened map (for feature matching).
+    `features(x)` gives the flattened map (for feature matching), `features(x, -2)` the stage before it.
 
     Rule: stride-2 stages until the map is at most 4x4 (28 -> 14 -> 7 -> 4, 32 -> 16 -> 8 -> 4, 48 -> ... -> 3),
     4x4 kernels, the last one 3x3 (it takes 7 to 4); `width` channels in the first stage, doubling per stage
@@ -134,8 +134,13 @@ class Discriminator(nn.Module):
         self.head = nn.Linear(widths[-1] * final * final, num_logits(formulation, num_classes))
         init_weights(self)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+    @property
+    def hidden_layer_count(self) -> int:
+        return sum(isinstance(m, nn.Conv2d) for m in self.body)
+
+    def features(self, x: torch.Tensor, layer: int = -1) -> torch.Tensor:
+        """A stage's output (-1: the last, the one the head sees), flattened."""
+        return self.body[: 3 * feature_depth(layer, self.hidden_layer_count)](x).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.body(x)))

@@ -86,7 +86,7 @@ def _feature_matching_gradient(rank, world_size, init_file, features, result_fil
         torch.manual_seed(0)  # the same G and D on every process
         generator = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 6))
         plain_d = torch.nn.Linear(6, 3)
-        plain_d.features = lambda x: torch.tanh(plain_d(x))  # a nonlinear feature map
+        plain_d.features = lambda x, layer=-1: torch.tanh(plain_d(x))  # a nonlinear feature map (one layer)
         real, z = features
         rows = slice(rank * len(z) // world_size, (rank + 1) * len(z) // world_size)
         settings = StepSettings("k-logit", 1.0, "all", True, True, 0.0, "torch")

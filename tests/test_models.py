@@ -199,3 +199,17 @@ def test_softplus_matches_torch_in_value_and_gradient_far_out_too():
     torch.testing.assert_close(softplus(x), nn.functional.softplus(x))
     mine = torch.autograd.grad(softplus(x).sum(), x)[0]
     torch.testing.assert_close(mine, torch.sigmoid(x.detach()))  # d/dx log(1 + e^x)
+
+
+def test_odena_d_features_are_a_stage_output_flattened():
+    from sgan.models import Discriminator, NetworkSpec, check_feature_layer
+
+    torch.manual_seed(0)
+    d = Discriminator(10, "k-logit").eval()  # 28 -> 14 -> 7 -> 4: three stages
+    images = torch.randn(2, 1, 28, 28)
+    assert d.hidden_layer_count == 3
+    torch.testing.assert_close(d.features(images), d.body(images))  # what the head sees
+    torch.testing.assert_close(d.features(images, -2), d.body[:6](images).flatten(1))
+    assert d.features(images, -3).shape == (2, 32 * 14 * 14)
+    with pytest.raises(ValueError, match="this D has 3 hidden layers"):
+        check_feature_layer(NetworkSpec("odena", (1, 28, 28), 10, "k-logit"), -4)

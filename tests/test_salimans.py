@@ -199,3 +199,11 @@ def test_g_steps_updates_g_that_many_times_per_d_step(tmp_path, mnist_root, monk
     train(parse_config(["--recipe", "salimans", "--g-steps", "3", "--max-steps", "4", "--tracker", "none", "--cpu",
                         "--output-dir", str(tmp_path / "run"), "--data-root", str(mnist_root)]))
     assert calls == {"d": 4, "g": 12}
+
+
+def test_the_salimans_recipe_matches_features_of_the_odena_d_too(tmp_path, mnist_root):
+    metrics = train(parse_config(["--recipe", "salimans", "--networks", "odena", "--feature-layer", "-2", "--max-steps",
+                                  "2", "--tracker", "none", "--cpu", "--output-dir", str(tmp_path / "run"),
+                                  "--data-root", str(mnist_root)]))
+    assert metrics["steps"] == 2 and metrics["networks"] == "odena"
+    assert "feature_layer: -2" in (tmp_path / "run" / "config.yaml").read_text()
