@@ -77,7 +77,7 @@ def add_gaussian_noise(x: Tensor, sigma: float) -> Tensor:
     noise itself differs from torch.randn's. Elsewhere (CUDA, whose torch generator already runs in
     parallel), or when the op cannot run (the same rules as the loss op's "auto"), plain torch.randn_like."""
     if x.device.type == "cpu" and _resolve("auto", "cpu") == "cpp":
-        key = int(torch.empty((), dtype=torch.int64).random_())  # from the default generator: [0, 2^63)
+        key = torch.empty((), dtype=torch.int64).random_()  # from the default generator; a tensor: no host read
         return torch.ops.sgan.add_gaussian_noise.default(x, sigma, key)
     return reference_gaussian_noise(x, sigma)
 

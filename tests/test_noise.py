@@ -56,14 +56,14 @@ def test_philox_gives_random123s_known_answers_and_matches_the_reference():
 def test_noise_is_box_muller_of_the_philox_words_of_each_elements_counter(n):
     key = 0x0123456789ABCDEF
     x = torch.linspace(-1, 1, n)
-    noise = (torch.ops.sgan.add_gaussian_noise(x, 0.5, key) - x) / 0.5
+    noise = (torch.ops.sgan.add_gaussian_noise(x, 0.5, torch.tensor(key)) - x) / 0.5
     torch.testing.assert_close(noise.double(), normals_reference(key, n), atol=2e-5, rtol=1e-5)
 
 
 @needs_cpp
 def test_noise_is_standard_normal_and_uncorrelated():
     n = 1 << 20
-    noise = torch.ops.sgan.add_gaussian_noise(torch.zeros(n), 1.0, 2024).double()
+    noise = torch.ops.sgan.add_gaussian_noise(torch.zeros(n), 1.0, torch.tensor(2024)).double()
     assert abs(noise.mean()) < 5 / math.sqrt(n) and abs(noise.std() - 1) < 5e-3
     levels = torch.tensor([0.001, 0.01, 0.1, 0.3, 0.5, 0.7, 0.9, 0.99, 0.999], dtype=torch.float64)
     expected = torch.distributions.Normal(0.0, 1.0).icdf(levels)
@@ -78,21 +78,21 @@ def test_the_same_key_gives_the_same_noise_on_any_thread_count():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = torch.ops.sgan.add_gaussian_noise(x, 0.3, 99)
+        one = torch.ops.sgan.add_gaussian_noise(x, 0.3, torch.tensor(99))
         torch.set_num_threads(2)
-        two = torch.ops.sgan.add_gaussian_noise(x, 0.3, 99)
+        two = torch.ops.sgan.add_gaussian_noise(x, 0.3, torch.tensor(99))
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
-    assert not torch.equal(one, torch.ops.sgan.add_gaussian_noise(x, 0.3, 100))
+    assert not torch.equal(one, torch.ops.sgan.add_gaussian_noise(x, 0.3, torch.tensor(100)))
 
 
 @needs_cpp
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-6), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
 def test_other_dtypes_add_the_same_noise(dtype, tolerance):
     x = torch.randn(64, 33)
-    reference = torch.ops.sgan.add_gaussian_noise(x, 0.5, 5)
-    got = torch.ops.sgan.add_gaussian_noise(x.to(dtype), 0.5, 5)
+    reference = torch.ops.sgan.add_gaussian_noise(x, 0.5, torch.tensor(5))
+    got = torch.ops.sgan.add_gaussian_noise(x.to(dtype), 0.5, torch.tensor(5))
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), reference, atol=tolerance * 4, rtol=tolerance)
 
@@ -100,23 +100,26 @@ def test_other_dtypes_add_the_same_noise(dtype, tolerance):
 @needs_cpp
 def test_a_non_contiguous_input_is_read_in_its_logical_order():
     x = torch.randn(40, 30).t()
-    assert torch.equal(torch.ops.sgan.add_gaussian_noise(x, 1.0, 3),
-                       torch.ops.sgan.add_gaussian_noise(x.contiguous(), 1.0, 3))
+    assert torch.equal(torch.ops.sgan.add_gaussian_noise(x, 1.0, torch.tensor(3)),
+                       torch.ops.sgan.add_gaussian_noise(x.contiguous(), 1.0, torch.tensor(3)))
 
 
 @needs_cpp
 def test_the_gradient_passes_through_and_opcheck_passes():
     x = torch.randn(8, 5, requires_grad=True)
     upstream = torch.randn(8, 5)
-    torch.ops.sgan.add_gaussian_noise(x, 0.7, 11).backward(upstream)
+    torch.ops.sgan.add_gaussian_noise(x, 0.7, torch.tensor(11)).backward(upstream)
     assert torch.equal(x.grad, upstream)
-    torch.library.opcheck(torch.ops.sgan.add_gaussian_noise.default, (torch.randn(6, 7, requires_grad=True), 0.5, 4))
+    torch.library.opcheck(torch.ops.sgan.add_gaussian_noise.default, (torch.randn(6, 7, requires_grad=True), 0.5, torch.tensor(4)))
 
 
 @needs_cpp
-def test_integer_input_is_a_type_error():
+def test_integer_input_is_a_type_error_and_the_key_must_be_one_int64():
     with pytest.raises(TypeError, match="floating-point"):
-        torch.ops.sgan.add_gaussian_noise(torch.arange(4), 1.0, 0)
+        torch.ops.sgan.add_gaussian_noise(torch.arange(4), 1.0, torch.tensor(0))
+    for key in (torch.tensor(1.0), torch.tensor([1, 2])):
+        with pytest.raises(ValueError, match="key as one int64 on the CPU"):
+            torch.ops.sgan.add_gaussian_noise(torch.zeros(4), 1.0, key)
 
 
 @needs_cpp

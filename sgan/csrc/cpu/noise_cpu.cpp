@@ -97,14 +97,18 @@ void add_noise_kernel(const T* x, T* y, int64_t n, double sigma, uint64_t key) {
   });
 }
 
-at::Tensor add_gaussian_noise_cpu(const at::Tensor& x, double sigma, int64_t key) {
+at::Tensor add_gaussian_noise_cpu(const at::Tensor& x, double sigma, const at::Tensor& key) {
   TORCH_CHECK_TYPE(x.is_floating_point(), "sgan::add_gaussian_noise takes floating-point tensors, got ",
                    x.scalar_type());
+  TORCH_CHECK_VALUE(key.numel() == 1 && key.scalar_type() == at::kLong && key.device().is_cpu(),
+                    "sgan::add_gaussian_noise takes its key as one int64 on the CPU, got ", key.scalar_type(), " ",
+                    key.sizes(), " on ", key.device());
+  const int64_t key_value = key.item<int64_t>();
   const at::Tensor input = x.contiguous();
   at::Tensor out = at::empty(input.sizes(), input.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "add_gaussian_noise", [&] {
     add_noise_kernel(input.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), input.numel(), sigma,
-                     uint64_t(key));
+                     uint64_t(key_value));
   });
   return out;
 }
