@@ -250,7 +250,7 @@ class SalimansDiscriminator(nn.Module):
         return h
 
     def features(self, x: torch.Tensor, layer: int = -1) -> torch.Tensor:
-        return self._hidden(x, depth=feature_depth(layer, len(self.hidden)))
+        return self._hidden(x, depth=feature_depth(layer, self.hidden_layer_count))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.noise[-1](self._hidden(x)))

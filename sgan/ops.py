@@ -72,7 +72,8 @@ def add_gaussian_noise(x: Tensor, sigma: float) -> Tensor:
     """x + sigma * N(0, 1) noise, elementwise; differentiable in x (its gradient passes through unchanged).
 
     On CPU tensors, the compiled op (sgan/csrc/cpu/noise_cpu.cpp): a counter-based generator every thread
-    draws from at once, ~3x as fast as torch's serial generator on one thread. Its 64-bit key comes from
+    draws from at once (one salimans step's noise: 2.24 against 7.76 ms on 2 threads, 4.36 against 5.55 ms on
+    one; benchmarks/results/noise.json). Its 64-bit key comes from
     torch's default generator, so torch.manual_seed makes the noise repeatable, as with torch.randn. The
     noise itself differs from torch.randn's. Elsewhere (CUDA, whose torch generator already runs in
     parallel), or when the op cannot run (the same rules as the loss op's "auto"), plain torch.randn_like."""
