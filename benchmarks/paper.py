@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,20 @@ def run_dirs(study_dir: Path, recipe: str, dataset: str, labels: str) -> list[Pa
     return sorted(path for path in folder.glob("seed-*") if (path / "metrics.json").is_file())
 
 
+def run_study(command: list[str]) -> int:
+    """Run one study; a SIGTERM to this script is passed on to it (it stops its runs at a checkpoint)."""
+    study = subprocess.Popen(command, cwd=ROOT)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: study.send_signal(signal.SIGTERM))
+    try:
+        while True:
+            try:
+                return study.wait()
+            except KeyboardInterrupt:  # Ctrl-C reached the study too: wait while it stops its runs
+                continue
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--study-dir", type=Path, default=Path("runs/paper"))
@@ -68,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
 
     for name, command in study_commands(args).items():
         print(f"\n== {name}: {shlex.join(command)}", flush=True)
-        code = subprocess.run(command + (["--dry-run"] if args.dry_run else []), cwd=ROOT).returncode
+        code = run_study(command + (["--dry-run"] if args.dry_run else []))
+        if code == 130:
+            print(f"paper.py: the {name} study stopped (its runs checkpointed); run the same command again to "
+                  "resume", file=sys.stderr)
+            return code
         if code != 0:
             print(f"error: the {name} study exited with {code}; see its runs' train.log", file=sys.stderr)
             return code

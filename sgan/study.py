@@ -11,6 +11,7 @@ Each cell is a subprocess `python -m sgan.train ...` writing to
 STUDY_DIR/runs/{dataset}/{recipe}[-{formulation}]/labels-{n}/seed-{s}/ (its output in train.log there), so a
 failing run is reported and the study goes on. Running the same command again resumes the study: a cell with
 a metrics.json is done and skipped, an interrupted cell continues from its newest checkpoint (--resume latest).
+Ctrl-C or SIGTERM to the study, or a signal to one of its runs, stops it: the runs checkpoint, no new run starts.
 A cell is identified by its folder only: to change the settings of finished cells, use another --study-dir.
 """
 from __future__ import annotations
@@ -22,9 +23,11 @@ import io
 import json
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -191,23 +194,49 @@ def cell_state(directory: Path) -> str:
 # ------------------------------------------------------------------------------------------------ running
 
 
-def run_cell(command: list[str], log: Path, threads: int | None = None) -> int:
-    """Run one training subprocess, its output appended to `log`; its exit code. threads: its
-    OMP_NUM_THREADS, unless the environment sets one (runs side by side must not oversubscribe the cores)."""
+_running: set[subprocess.Popen] = set()  # the runs now training, so that a stop reaches them all
+_running_lock = threading.Lock()
+_stopping = threading.Event()  # set once the study is stopping: no new run starts
+
+
+def run_cell(command: list[str], log: Path, threads: int | None = None) -> int | None:
+    """Run one training subprocess, its output appended to `log`; its exit code, or None if the study is
+    stopping and it did not start. threads: its OMP_NUM_THREADS, unless the environment sets one (runs side
+    by side must not oversubscribe the cores)."""
+    if _stopping.is_set():
+        return None
     log.parent.mkdir(parents=True, exist_ok=True)
     python_path = [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, python_path))}
     if threads and "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = str(threads)
     with open(log, "a") as out:
-        out.write(f"\n$ {shlex.join(command)}\n")
-        out.flush()
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        with _running_lock:
+            if _stopping.is_set():  # again: a stop may have come while the log opened
+                return None
+            out.write(f"\n$ {shlex.join(command)}\n")
+            out.flush()
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+            _running.add(process)
         try:
             return process.wait()
-        except KeyboardInterrupt:  # the run got the same Ctrl-C: let it write its checkpoint, then stop
-            process.wait()
-            raise
+        finally:
+            with _running_lock:
+                _running.discard(process)
+
+
+def stop_runs() -> None:
+    """SIGTERM to every run still training: each writes a checkpoint and exits. (Ctrl-C in a terminal has
+    reached them already; SIGTERM to the study alone has not.)"""
+    _stopping.set()
+    with _running_lock:
+        for process in _running:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM stops the study as Ctrl-C does
 
 
 def last_line(log: Path) -> str:
@@ -429,33 +458,63 @@ def main(argv: list[str] | None = None) -> int:
         action = f"resuming from {complete_checkpoints(directory)[-1].name}" if state == "resume" else "running"
         print(f"{prefix}: {action} (log: {directory / 'train.log'})", flush=True)
         start = time.perf_counter()
-        return run_cell(command, directory / "train.log", threads), time.perf_counter() - start
+        code = run_cell(command, directory / "train.log", threads)
+        if code == 0 and cell_state(directory) == "resume":
+            _stopping.set()  # stopped by a signal: set here, before this worker takes the next cell
+        return code, time.perf_counter() - start
 
-    # Runs are subprocesses: threads only wait for them. Ctrl-C reaches the runs too (they checkpoint and exit).
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {pool.submit(run, *item): item for item in todo}
-        try:
-            for future in as_completed(futures):
-                prefix, directory = futures[future][:2]
-                code, seconds = future.result()
-                ran += 1
-                if code == 0 and cell_state(directory) == "done":
-                    error = json.loads((directory / "metrics.json").read_text())["test_error"]
-                    print(f"{prefix}: test error {100 * error:.2f}% ({seconds:.0f} s)", flush=True)
-                else:
-                    failed.append(directory)
-                    print(f"{prefix}: FAILED (exit code {code}): {last_line(directory / 'train.log')}\n"
-                          f"    full log: {directory / 'train.log'}", flush=True)
-                write_results(study_dir)  # the tables are up to date after every run
-        except KeyboardInterrupt:
-            for future in futures:
-                future.cancel()  # runs not started yet
-            pool.shutdown(wait=True)  # the started ones got the same Ctrl-C: let them write their checkpoints
-            write_results(study_dir)
-            print("sgan.study: interrupted; run the same command again to resume", file=sys.stderr)
-            return 130
     if args.dry_run:
         return 0
+    _stopping.clear()
+    stopped = []  # runs stopped by a signal: they checkpointed and exited 0 without a metrics.json
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGTERM, _interrupt) if on_main_thread else None
+    # Runs are subprocesses: threads only wait for them.
+    try:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = {pool.submit(run, *item): item for item in todo}
+            try:
+                for future in as_completed(futures):
+                    if future.cancelled():
+                        continue
+                    prefix, directory = futures[future][:2]
+                    code, seconds = future.result()
+                    if code is None:
+                        continue  # not started: the study is stopping
+                    ran += 1
+                    state = cell_state(directory)
+                    if code == 0 and state == "done":
+                        error = json.loads((directory / "metrics.json").read_text())["test_error"]
+                        print(f"{prefix}: test error {100 * error:.2f}% ({seconds:.0f} s)", flush=True)
+                    elif code == 0 and state == "resume":
+                        stopped.append(directory)
+                        print(f"{prefix}: stopped by a signal; checkpoint {complete_checkpoints(directory)[-1].name}. "
+                              "Starting no new run.", flush=True)
+                        for other in futures:
+                            other.cancel()  # whoever stopped this run is stopping the study: start nothing new
+                    else:
+                        failed.append(directory)
+                        why = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+                        print(f"{prefix}: FAILED ({why}): {last_line(directory / 'train.log')}\n"
+                              f"    full log: {directory / 'train.log'}", flush=True)
+                    write_results(study_dir)  # the tables are up to date after every run
+            except KeyboardInterrupt:
+                for future in futures:
+                    future.cancel()  # runs not started yet
+                stop_runs()
+                pool.shutdown(wait=True)  # let the started runs write their checkpoints
+                write_results(study_dir)
+                print("sgan.study: interrupted; the runs checkpointed. Run the same command again to resume",
+                      file=sys.stderr)
+                return 130
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous_handler)
+    if stopped:
+        write_results(study_dir)
+        print(f"sgan.study: stopped: {len(stopped)} run(s) stopped by a signal, {len(todo) - ran} not started, "
+              f"failed {len(failed)}. Run the same command again to resume", file=sys.stderr)
+        return 130
     cells = write_results(study_dir)
     print(f"sgan.study: ran {ran}, skipped {states.count('done')}, failed {len(failed)}"
           + (f"; results in {study_dir / 'results.md'}" if cells else ""))

@@ -1,7 +1,12 @@
 """python -m sgan.study: the plan, resuming and skipping, failures, and the aggregated results."""
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -193,3 +198,64 @@ def test_a_study_of_your_own_images(tmp_path):
     assert folder.startswith("folder-my=photos-") and "/" not in folder  # one folder per source, inside the study
     assert plan_of(tmp_path, "--labels", "folder:/other/my=photos=5", "--recipes", "supervised", "--seeds", "0")[0] \
         .directory(tmp_path) != plan[0].directory(tmp_path)  # same name, another folder
+
+
+def start_long_study(study_dir, root, seeds):
+    """A study of long supervised runs, one at a time, started in the background once its first run trains."""
+    command = [sys.executable, "-m", "sgan.study", "--study-dir", str(study_dir), "--labels", "mnist=20",
+               "--recipes", "supervised", "--seeds", *seeds, "--max-steps", "100000",
+               "--extra", f"--batch-size 20 --tracker none --cpu --data-root {root}"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    log = Cell("mnist", "20", "supervised", None, int(seeds[0])).directory(study_dir) / "train.log"
+    deadline = time.monotonic() + 120
+    while not (log.is_file() and "train:" in log.read_text(errors="replace")):  # its progress bar: it trains
+        assert process.poll() is None and time.monotonic() < deadline, "the first run never started training"
+        time.sleep(0.2)
+    return process
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rpartition(")")[2].split()  # after "(name)": state, ppid, ...
+            if int(fields[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds the run's process in /proc")
+def test_a_run_stopped_by_a_signal_stops_the_study_and_resumes(tmp_path, mnist_root):
+    # The study used to call the stopped run FAILED (it exits 0 after its checkpoint) and start the next one.
+    process = start_long_study(tmp_path, mnist_root, ["0", "1"])
+    try:
+        [run] = children(process.pid)
+        os.kill(run, signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr[-3000:]
+    assert "seed-0: stopped by a signal; checkpoint step_" in stdout and "FAILED" not in stdout
+    assert "1 run(s) stopped by a signal, 1 not started" in stderr
+    assert not Cell("mnist", "20", "supervised", None, 1).directory(tmp_path).exists(), "seed 1 must not start"
+    stopped = Cell("mnist", "20", "supervised", None, 0).directory(tmp_path)
+    assert not (stopped / "metrics.json").exists() and list(stopped.glob("checkpoints/step_*/trainer_state.json"))
+    dry = subprocess.run([sys.executable, "-m", "sgan.study", "--study-dir", str(tmp_path), "--labels", "mnist=20",
+                          "--recipes", "supervised", "--seeds", "0", "1", "--dry-run"],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert "1 to resume, 1 to start" in dry.stdout, dry.stdout + dry.stderr[-2000:]
+
+
+def test_sigterm_to_the_study_stops_its_runs_at_a_checkpoint(tmp_path, mnist_root):
+    process = start_long_study(tmp_path, mnist_root, ["0", "1"])
+    try:
+        process.send_signal(signal.SIGTERM)  # the study alone: unlike Ctrl-C in a terminal, its runs get nothing
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr[-3000:]
+    assert "interrupted; the runs checkpointed" in stderr and "Traceback" not in stderr
+    run = Cell("mnist", "20", "supervised", None, 0).directory(tmp_path)
+    assert "stopped by a signal" in (run / "train.log").read_text()
+    assert list(run.glob("checkpoints/step_*/trainer_state.json")) and not (run / "metrics.json").exists()
+    assert not Cell("mnist", "20", "supervised", None, 1).directory(tmp_path).exists()
