@@ -58,15 +58,22 @@ def run_dirs(study_dir: Path, recipe: str, dataset: str, labels: str) -> list[Pa
 
 
 def run_study(command: list[str]) -> int:
-    """Run one study; a SIGTERM to this script is passed on to it (it stops its runs at a checkpoint)."""
-    study = subprocess.Popen(command, cwd=ROOT)
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: study.send_signal(signal.SIGTERM))
+    """Run one study. SIGTERM or Ctrl-C to this script is passed on to it: it stops its runs at a checkpoint
+    (a second signal there is harmless, so Ctrl-C from a terminal, which reaches both, is fine)."""
+    study = None
+
+    def pass_on(signum, frame):
+        if study is not None and study.poll() is None:
+            study.send_signal(signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, pass_on)  # before the study starts: no moment without it
     try:
+        study = subprocess.Popen(command, cwd=ROOT)
         while True:
             try:
                 return study.wait()
-            except KeyboardInterrupt:  # Ctrl-C reached the study too: wait while it stops its runs
-                continue
+            except KeyboardInterrupt:
+                pass_on(signal.SIGINT, None)  # then wait while it stops its runs
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -235,8 +235,22 @@ def stop_runs() -> None:
                 process.send_signal(signal.SIGTERM)
 
 
+# How a run stopped by a signal ends: after its checkpoint, exit 0 (without a metrics.json); killed by it
+# while starting up (before its loop handles signals), -SIGNAL; or 128 + SIGNAL from a shell between.
+STOP_CODES = {-signal.SIGTERM, -signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGINT}
+
+
+def stopped_by_signal(code: int, directory: Path) -> bool:
+    return code in STOP_CODES or (code == 0 and cell_state(directory) != "done")
+
+
 def _interrupt(signum, frame):
+    _stopping.set()
     raise KeyboardInterrupt  # SIGTERM stops the study as Ctrl-C does
+
+
+def _already_stopping(signum, frame):
+    os.write(2, b"sgan.study: already stopping: waiting for the runs to write their checkpoints\n")
 
 
 def last_line(log: Path) -> str:
@@ -455,65 +469,78 @@ def main(argv: list[str] | None = None) -> int:
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
 
     def run(prefix, directory, command, state):
+        if _stopping.is_set():
+            return None, 0.0
         action = f"resuming from {complete_checkpoints(directory)[-1].name}" if state == "resume" else "running"
         print(f"{prefix}: {action} (log: {directory / 'train.log'})", flush=True)
         start = time.perf_counter()
         code = run_cell(command, directory / "train.log", threads)
-        if code == 0 and cell_state(directory) == "resume":
-            _stopping.set()  # stopped by a signal: set here, before this worker takes the next cell
+        if code is not None and stopped_by_signal(code, directory):
+            _stopping.set()  # here, before this worker takes the next cell
         return code, time.perf_counter() - start
 
     if args.dry_run:
         return 0
     _stopping.clear()
-    stopped = []  # runs stopped by a signal: they checkpointed and exited 0 without a metrics.json
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    previous_handler = signal.signal(signal.SIGTERM, _interrupt) if on_main_thread else None
-    # Runs are subprocesses: threads only wait for them.
+    stopped = []  # runs stopped by a signal
+    handlers = {}  # the signal handlers to restore
+    if threading.current_thread() is threading.main_thread():
+        handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, _interrupt)
+    pool = ThreadPoolExecutor(max_workers=args.jobs)  # runs are subprocesses: threads only wait for them
+    futures = {}
     try:
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            futures = {pool.submit(run, *item): item for item in todo}
-            try:
-                for future in as_completed(futures):
-                    if future.cancelled():
-                        continue
-                    prefix, directory = futures[future][:2]
-                    code, seconds = future.result()
-                    if code is None:
-                        continue  # not started: the study is stopping
-                    ran += 1
-                    state = cell_state(directory)
-                    if code == 0 and state == "done":
-                        error = json.loads((directory / "metrics.json").read_text())["test_error"]
-                        print(f"{prefix}: test error {100 * error:.2f}% ({seconds:.0f} s)", flush=True)
-                    elif code == 0 and state == "resume":
-                        stopped.append(directory)
-                        print(f"{prefix}: stopped by a signal; checkpoint {complete_checkpoints(directory)[-1].name}. "
-                              "Starting no new run.", flush=True)
-                        for other in futures:
-                            other.cancel()  # whoever stopped this run is stopping the study: start nothing new
-                    else:
-                        failed.append(directory)
-                        why = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-                        print(f"{prefix}: FAILED ({why}): {last_line(directory / 'train.log')}\n"
-                              f"    full log: {directory / 'train.log'}", flush=True)
-                    write_results(study_dir)  # the tables are up to date after every run
-            except KeyboardInterrupt:
-                for future in futures:
-                    future.cancel()  # runs not started yet
-                stop_runs()
-                pool.shutdown(wait=True)  # let the started runs write their checkpoints
-                write_results(study_dir)
-                print("sgan.study: interrupted; the runs checkpointed. Run the same command again to resume",
-                      file=sys.stderr)
-                return 130
+        try:
+            for item in todo:
+                futures[pool.submit(run, *item)] = item
+            for future in as_completed(futures):
+                if future.cancelled():
+                    continue
+                prefix, directory = futures[future][:2]
+                code, seconds = future.result()
+                if code is None:
+                    continue  # not started: the study is stopping
+                ran += 1
+                if code == 0 and cell_state(directory) == "done":
+                    error = json.loads((directory / "metrics.json").read_text())["test_error"]
+                    print(f"{prefix}: test error {100 * error:.2f}% ({seconds:.0f} s)", flush=True)
+                elif stopped_by_signal(code, directory):
+                    stopped.append(directory)
+                    for other in futures:
+                        other.cancel()  # whoever stopped this run is stopping the study: start nothing new
+                    checkpoints = complete_checkpoints(directory)
+                    running = sum(other.running() for other in futures)
+                    print(f"{prefix}: stopped by a signal "
+                          f"({f'checkpoint {checkpoints[-1].name}' if checkpoints else 'before its first checkpoint'})"
+                          f"; starting no new run" + (f", waiting for the {running} running" if running else ""),
+                          flush=True)
+                else:
+                    failed.append(directory)
+                    why = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+                    print(f"{prefix}: FAILED ({why}): {last_line(directory / 'train.log')}\n"
+                          f"    full log: {directory / 'train.log'}", flush=True)
+                write_results(study_dir)  # the tables are up to date after every run
+        except KeyboardInterrupt:
+            if handlers:  # a second Ctrl-C or SIGTERM must not cut the wait for the checkpoints short
+                handlers.setdefault(signal.SIGINT, signal.getsignal(signal.SIGINT))
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    signal.signal(sig, _already_stopping)
+            stop_runs()
+            pool.shutdown(wait=True, cancel_futures=True)
+            write_results(study_dir)
+            print("sgan.study: interrupted; the runs that were training wrote a checkpoint. Run the same command "
+                  "again to resume", file=sys.stderr)
+            return 130
     finally:
-        if on_main_thread:
-            signal.signal(signal.SIGTERM, previous_handler)
+        if not all(future.done() for future in futures):
+            stop_runs()  # an unexpected error: the runs still training checkpoint and stop with the study
+        pool.shutdown(wait=True, cancel_futures=True)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     if stopped:
         write_results(study_dir)
-        print(f"sgan.study: stopped: {len(stopped)} run(s) stopped by a signal, {len(todo) - ran} not started, "
-              f"failed {len(failed)}. Run the same command again to resume", file=sys.stderr)
+        print(f"sgan.study: stopped: {len(stopped)} run(s) stopped by a signal, {len(todo) - ran} not started"
+              + "".join(f"\n    failed: {directory}" for directory in failed)
+              + "\nRun the same command again to resume", file=sys.stderr)
         return 130
     cells = write_results(study_dir)
     print(f"sgan.study: ran {ran}, skipped {states.count('done')}, failed {len(failed)}"

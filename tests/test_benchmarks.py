@@ -136,3 +136,37 @@ def test_the_paper_results_baseline_shares_the_salimans_settings_and_schedule(tm
         assert command[command.index("--labels") + 1:][:2] == ["mnist=100,50,20", "fashion-mnist=100"]
     headline = paper.study_commands(argparse.Namespace(study_dir=tmp_path, seeds=[100], jobs=1, labels=["mnist=100"]))
     assert headline["salimans"][headline["salimans"].index("--labels") + 1:][:2] == ["mnist=100", "--seeds"]
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_paper_passes_a_stop_on_to_its_study(tmp_path, sig):
+    """paper.py runs each study as a subprocess: SIGTERM to paper.py alone (or Ctrl-C) must reach the study,
+    which stops its runs at a checkpoint, and paper.py waits for it and returns its exit code."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    study = ("import signal, sys, time, pathlib\n"
+             "signal.signal(signal.SIGTERM, lambda *a: sys.exit(130))\n"
+             f"pathlib.Path({str(tmp_path / 'ready')!r}).touch()\n"
+             "time.sleep(60)\n")
+    driver = ("import importlib.util, sys\n"
+              f"spec = importlib.util.spec_from_file_location('paper', {str(SCRIPT.parent / 'paper.py')!r})\n"
+              "paper = importlib.util.module_from_spec(spec); spec.loader.exec_module(paper)\n"
+              f"sys.exit(paper.run_study([sys.executable, '-c', {study!r}]))\n")
+    process = subprocess.Popen([sys.executable, "-c", driver], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "ready").exists():
+            assert process.poll() is None and time.monotonic() < deadline, "the study never started"
+            time.sleep(0.05)
+        started = time.monotonic()
+        process.send_signal(getattr(signal, sig))  # paper.py alone, not its study
+        assert process.wait(timeout=30) == 130
+        assert time.monotonic() - started < 20  # the study stopped: it did not sleep its 60 s out
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # whatever is left of paper.py and its study

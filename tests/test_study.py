@@ -2,6 +2,7 @@
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -200,61 +201,81 @@ def test_a_study_of_your_own_images(tmp_path):
         .directory(tmp_path) != plan[0].directory(tmp_path)  # same name, another folder
 
 
-def start_long_study(study_dir, root, seeds):
-    """A study of long supervised runs, one at a time, started in the background once its first run trains."""
+def start_long_study(study_dir, root, seeds, wait_for_training=True):
+    """A study of long supervised runs, one at a time, in its own process group (so that a failing test can
+    kill every process of it); once its first run trains, unless told not to wait."""
     command = [sys.executable, "-m", "sgan.study", "--study-dir", str(study_dir), "--labels", "mnist=20",
-               "--recipes", "supervised", "--seeds", *seeds, "--max-steps", "100000",
+               "--recipes", "supervised", "--seeds", *seeds, "--epochs", "100", "--max-steps", "100000",
                "--extra", f"--batch-size 20 --tracker none --cpu --data-root {root}"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                               start_new_session=True)
     log = Cell("mnist", "20", "supervised", None, int(seeds[0])).directory(study_dir) / "train.log"
     deadline = time.monotonic() + 120
-    while not (log.is_file() and "train:" in log.read_text(errors="replace")):  # its progress bar: it trains
+    while wait_for_training and not (log.is_file() and re.search(r"\d+it/s", log.read_text(errors="replace"))):
         assert process.poll() is None and time.monotonic() < deadline, "the first run never started training"
         time.sleep(0.2)
     return process
 
 
-def children(pid: int) -> list[int]:
+def training_runs(pid: int) -> list[int]:
+    """The processes `python -m sgan.train` that process pid started (once they run it, not before the exec)."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, ValueError, IndexError):
             fields = stat.read_text().rpartition(")")[2].split()  # after "(name)": state, ppid, ...
-            if int(fields[1]) == pid:
+            if int(fields[1]) == pid and b"sgan.train" in (stat.parent / "cmdline").read_bytes():
                 found.append(int(stat.parent.name))
     return found
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds the run's process in /proc")
-def test_a_run_stopped_by_a_signal_stops_the_study_and_resumes(tmp_path, mnist_root):
-    # The study used to call the stopped run FAILED (it exits 0 after its checkpoint) and start the next one.
-    process = start_long_study(tmp_path, mnist_root, ["0", "1"])
+def finish(process, seconds=120):
     try:
-        [run] = children(process.pid)
-        os.kill(run, signal.SIGTERM)
-        stdout, stderr = process.communicate(timeout=120)
+        return process.communicate(timeout=seconds)
     finally:
-        process.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # the study and its runs, whatever happened
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds the run's process in /proc")
+@pytest.mark.parametrize("when", ["training", "starting"])
+def test_a_run_stopped_by_a_signal_stops_the_study_and_resumes(tmp_path, mnist_root, when):
+    # The study used to call the stopped run FAILED (it exits 0 after its checkpoint) and start the next one.
+    # While starting up (importing torch, loading data) a run has no handler yet: SIGTERM kills it.
+    process = start_long_study(tmp_path, mnist_root, ["0", "1"], wait_for_training=when == "training")
+    try:
+        deadline = time.monotonic() + 60
+        while not (runs := training_runs(process.pid)):
+            assert time.monotonic() < deadline, "the study started no run"
+            time.sleep(0.01)
+        os.kill(runs[0], signal.SIGTERM)
+    finally:
+        stdout, stderr = finish(process)
     assert process.returncode == 130, stderr[-3000:]
-    assert "seed-0: stopped by a signal; checkpoint step_" in stdout and "FAILED" not in stdout
+    assert "seed-0: stopped by a signal (" in stdout and "FAILED" not in stdout
+    assert ("(checkpoint step_" in stdout) == (when == "training")
     assert "1 run(s) stopped by a signal, 1 not started" in stderr
     assert not Cell("mnist", "20", "supervised", None, 1).directory(tmp_path).exists(), "seed 1 must not start"
     stopped = Cell("mnist", "20", "supervised", None, 0).directory(tmp_path)
-    assert not (stopped / "metrics.json").exists() and list(stopped.glob("checkpoints/step_*/trainer_state.json"))
+    assert not (stopped / "metrics.json").exists()
+    assert bool(list(stopped.glob("checkpoints/step_*/trainer_state.json"))) == (when == "training")
     dry = subprocess.run([sys.executable, "-m", "sgan.study", "--study-dir", str(tmp_path), "--labels", "mnist=20",
                           "--recipes", "supervised", "--seeds", "0", "1", "--dry-run"],
                          capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert "1 to resume, 1 to start" in dry.stdout, dry.stdout + dry.stderr[-2000:]
+    expected = "1 to resume, 1 to start" if when == "training" else "0 to resume, 2 to start"
+    assert expected in dry.stdout, dry.stdout + dry.stderr[-2000:]
 
 
 def test_sigterm_to_the_study_stops_its_runs_at_a_checkpoint(tmp_path, mnist_root):
     process = start_long_study(tmp_path, mnist_root, ["0", "1"])
     try:
         process.send_signal(signal.SIGTERM)  # the study alone: unlike Ctrl-C in a terminal, its runs get nothing
-        stdout, stderr = process.communicate(timeout=120)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)  # a second one while it waits for the checkpoint: no traceback
     finally:
-        process.kill()
+        stdout, stderr = finish(process)
     assert process.returncode == 130, stderr[-3000:]
-    assert "interrupted; the runs checkpointed" in stderr and "Traceback" not in stderr
+    assert "interrupted; the runs that were training wrote a checkpoint" in stderr and "Traceback" not in stderr
+    assert "already stopping" in stderr
     run = Cell("mnist", "20", "supervised", None, 0).directory(tmp_path)
     assert "stopped by a signal" in (run / "train.log").read_text()
     assert list(run.glob("checkpoints/step_*/trainer_state.json")) and not (run / "metrics.json").exists()
