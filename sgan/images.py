@@ -44,12 +44,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import secrets
+import signal
 import struct
 import time
 import warnings
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -182,33 +184,96 @@ def load_image(image, image_size: int, channels: int) -> np.ndarray:
         path = os.fspath(image)
         decoded = _decode_file((path, image_size, channels))
         if decoded.error:
-            raise ImageError(f"{path}: not a readable image ({decoded.error}); PNG, JPEG, BMP, WebP and GIF are read")
+            raise ImageError(f"{path}: {_unreadable(decoded.error)}")
         pixels = decoded.pixels
     return np.array(pixels)  # a writable copy: PIL's pixels are read-only
 
 
+def load_images(paths, image_size: int, channels: int, workers: int | None = None):
+    """Image files decoded and fitted exactly as load_image does, in a pool of `workers` processes (default:
+    the cores this process may use; 1: in this process). Yields, in the order of `paths`, (pixels, None) for a readable file and
+    (None, why not) for one that is not: a bad file does not stop the others."""
+    _check_settings(image_size, channels, required_size=True)
+    if channels is None:
+        raise ImageError("channels must be 1 (grey) or 3 (RGB): the classifier's image shape says which")
+    tasks = [(os.fspath(path), image_size, channels) for path in paths]
+    for decoded in _parallel_map(_decode_file, tasks, workers, "decode images", progress=False):
+        yield (None, _unreadable(decoded.error)) if decoded.error else (np.array(decoded.pixels), None)
+
+
+def _unreadable(error: str) -> str:
+    return f"not a readable image ({error}); PNG, JPEG, BMP, WebP and GIF are read"
+
+
+SERIAL_BELOW = 16  # fewer tasks than this run in this process: starting a pool would cost more
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may run on (taskset, cpusets)
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _ignore_interrupt() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: not one traceback per worker
+
+
+def _map_chunk(func, chunk: list) -> list:
+    return [func(task) for task in chunk]
+
+
 def _parallel_map(func, tasks: list, workers: int | None, desc: str, progress: bool):
-    """func over tasks, results in order: in a process pool of `workers` (default: the CPU count), or in this
-    process when workers is 1; with a tqdm bar."""
+    """func over tasks, results in order, with a tqdm bar: in a pool of `workers` processes (default: the cores
+    this process may use), or in this process for workers=1 or a few tasks. A few chunks per worker run ahead of
+    the consumer, no more, so results do not pile up in memory. A worker that dies (the system killed it: out
+    of memory?) is an ImageError, not a hang."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
     from tqdm import tqdm
 
-    workers = workers or os.cpu_count() or 1
-    pool = None
+    workers = min(workers or _usable_cores(), len(tasks))
     with tqdm(total=len(tasks), desc=desc, unit="img", disable=not progress, mininterval=0.5) as bar:
-        if workers == 1 or len(tasks) < 2:
-            results = map(func, tasks)
-        else:
-            import multiprocessing
+        if workers <= 1 or len(tasks) < SERIAL_BELOW:
+            for task in tasks:
+                yield func(task)
+                bar.update()
+            return
+        size = max(1, min(64, len(tasks) // (8 * workers)))
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(), initializer=_ignore_interrupt)
+        ahead = deque()  # the chunks submitted, oldest first
+        fewer = "workers=1 in Python, --workers 1 for sgan.predict"
+        died = ImageError("a process decoding images died (the system killed it: out of memory?): decode with "
+                          f"fewer processes ({fewer}) or free memory")
 
-            pool = multiprocessing.get_context().Pool(min(workers, len(tasks)))
-            results = pool.imap(func, tasks, chunksize=max(1, min(64, len(tasks) // (8 * workers))))
-        try:
+        def submit(chunk):
+            try:
+                ahead.append(pool.submit(_map_chunk, func, chunk))
+            except BrokenProcessPool:
+                raise died from None
+            except OSError as error:  # fork failed: out of memory, or a container's limit on processes
+                raise ImageError(f"could not start {workers} processes to decode images ({error}): decode in "
+                                 f"this process ({fewer})") from None
+
+        def oldest():
+            try:
+                results = ahead.popleft().result()
+            except BrokenProcessPool:
+                raise died from None
             for result in results:
                 yield result
                 bar.update()
+
+        try:
+            for start in range(0, len(tasks), size):
+                submit(tasks[start:start + size])
+                if len(ahead) == 2 * workers:
+                    yield from oldest()
+            while ahead:
+                yield from oldest()
         finally:
-            if pool is not None:
-                pool.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---------------------------------------------------------------- scanning a folder

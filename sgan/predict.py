@@ -13,7 +13,9 @@ and in the summary.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import itertools
 import os
 import sys
 from collections import Counter
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 
 from .evaluate import BAD_INPUT, EvaluationError, add_inference_arguments, parse_inference_args
-from .images import EXTENSIONS, ImageError, load_image
+from .images import EXTENSIONS, load_images
 
 
 def find_images(paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -49,9 +51,9 @@ def errors_file(output: Path) -> Path:
 
 
 def predict_files(classifier, files: list[str], output: Path, top_k: int = 1, batch_size: int = 256,
-                  progress: bool = True) -> tuple[Counter, list[tuple[str, str]]]:
+                  progress: bool = True, workers: int | None = None) -> tuple[Counter, list[tuple[str, str]]]:
     """Write the CSV of `files`' predictions to `output`; (images per predicted class, [(path, error)] of the
-    files that could not be read)."""
+    files that could not be read). workers: processes decoding the files (default: the cores this process may use)."""
     from tqdm.auto import tqdm
 
     channels, size, _ = classifier.image_shape
@@ -62,22 +64,30 @@ def predict_files(classifier, files: list[str], output: Path, top_k: int = 1, ba
             tqdm(total=len(files), desc="predict", unit="img", disable=not progress, dynamic_ncols=True) as bar:
         writer = csv.writer(out)
         writer.writerow(header)
-        for start in range(0, len(files), batch_size):
-            readable, pixels = [], []
-            for path in files[start:start + batch_size]:
-                try:
-                    pixels.append(load_image(path, size, channels))
-                    readable.append(path)
-                except ImageError as error:
-                    errors.append((path, str(error).removeprefix(f"{path}: ")))
-            if readable:
-                probabilities, classes = classifier.predict_proba(torch.from_numpy(np.stack(pixels))).topk(top_k, dim=1)
-                for path, p, k in zip(readable, probabilities.tolist(), classes.tolist()):
-                    writer.writerow([path] + [value for rank in range(top_k)
-                                              for value in (classifier.class_names[k[rank]], f"{p[rank]:.6f}")])
-                    predicted[classifier.class_names[k[0]]] += 1
-            bar.update(min(batch_size, len(files) - start))
+        with contextlib.closing(load_images(files, size, channels, workers)) as images:  # closing: the pool ends here
+            decoded = zip(files, images)
+            while batch := list(itertools.islice(decoded, batch_size)):
+                predicted += _classify(classifier, batch, top_k, writer, errors)
+                bar.update(len(batch))
     return predicted, errors
+
+
+def _classify(classifier, batch, top_k: int, writer, errors: list) -> Counter:
+    """One batch of (path, (pixels, error)): the readable ones' CSV rows; the others' errors."""
+    readable, pixels, predicted = [], [], Counter()
+    for path, (image, error) in batch:
+        if error:
+            errors.append((path, error))
+        else:
+            readable.append(path)
+            pixels.append(image)
+    if readable:
+        probabilities, classes = classifier.predict_proba(torch.from_numpy(np.stack(pixels))).topk(top_k, dim=1)
+        for path, p, k in zip(readable, probabilities.tolist(), classes.tolist()):
+            writer.writerow([path] + [value for rank in range(top_k)
+                                      for value in (classifier.class_names[k[rank]], f"{p[rank]:.6f}")])
+            predicted[classifier.class_names[k[0]]] += 1
+    return predicted
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "OUTPUT.errors.csv beside it)")
     parser.add_argument("--top-k", type=int, default=1, help="also write the next K-1 most probable classes and "
                         "their probabilities (default: 1)")
+    parser.add_argument("--workers", type=int, default=None, help="processes decoding the images (default: the "
+                        "cores this process may use; 1 decodes in this process)")
     add_inference_arguments(parser, batch_size=256)
     return parser
 
@@ -101,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_inference_args(parser, argv)
     if args.top_k < 1:
         parser.error("--top-k must be >= 1")
+    if args.workers is not None and args.workers < 1:
+        parser.error("--workers must be >= 1")
     output = Path(args.output)
     try:
         classifier = load_classifier(args.run, args.device)
@@ -111,10 +125,14 @@ def main(argv: list[str] | None = None) -> int:
         if not files:
             raise EvaluationError(f"no image files in {', '.join(args.paths)} (PNG, JPEG, BMP, WebP, GIF; folders "
                                   "are searched recursively)")
-        predicted, unreadable = predict_files(classifier, files, output, args.top_k, args.batch_size)
+        predicted, unreadable = predict_files(classifier, files, output, args.top_k, args.batch_size,
+                                              workers=args.workers)
     except BAD_INPUT as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"interrupted: {output} holds the rows written so far", file=sys.stderr)
+        return 130
     errors += unreadable
     side = errors_file(output)
     if errors:

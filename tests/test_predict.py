@@ -1,7 +1,12 @@
 """python -m sgan.predict and sgan.load_classifier: the CSV's accuracy on a labeled folder is the run's own, the
 Python API agrees with the CSV for every kind of input, and bad files or inputs give messages."""
+import concurrent.futures
 import csv
 import json
+import multiprocessing
+import os
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -11,7 +16,7 @@ from PIL import Image
 import sgan
 from sgan.config import parse_config
 from sgan.data import read_builtin_split, to_model_scale
-from sgan.images import ImageError, load_image
+from sgan.images import ImageError, _parallel_map, load_image
 from sgan.predict import main
 from sgan.train import train
 
@@ -147,6 +152,56 @@ def test_bad_files_are_listed_not_fatal(run, digits, tmp_path, capsys):
     assert main([str(run), str(text), "--output", str(output), "--device", "cpu"]) == 1
     assert main([str(run), str(good), "--output", str(output), "--device", "cpu"]) == 0
     assert not (tmp_path / "out" / "preds.errors.csv").exists()
+
+
+def test_parallel_decoding_writes_what_serial_decoding_does(run, digits, tmp_path, monkeypatch, capsys):
+    """Files decoded by 2 processes, in chunks and batches that do not divide the files, with bad files among
+    them: the same rows in the same order, and the same errors, as decoding them here one by one."""
+    root, paths, _, _ = digits
+    files = [str(p) for p in paths[:45]]
+    for i in (3, 11, 12, 44):  # unreadable files: early, across a batch edge, last
+        bad = tmp_path / f"bad{i}.png"
+        bad.write_bytes(paths[i].read_bytes()[:50])
+        files[i] = str(bad)
+    pools = []
+    real_pool = concurrent.futures.ProcessPoolExecutor
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor",
+                        lambda workers, **kw: pools.append(workers) or real_pool(workers, **kw))
+    outputs = {}
+    for workers in ("1", "2"):
+        output = tmp_path / f"preds{workers}.csv"
+        assert main([str(run), *files, "--output", str(output), "--batch-size", "5", "--workers", workers,
+                     "--device", "cpu"]) == 0
+        outputs[workers] = (output.read_text(), (tmp_path / f"preds{workers}.errors.csv").read_text())
+    assert pools == [2], "--workers 1 decodes in this process, --workers 2 in a pool of 2"
+    assert multiprocessing.active_children() == [], "the pool's processes are gone"
+    rows = read_csv(tmp_path / "preds2.csv")
+    assert [row["path"] for row in rows] == [f for i, f in enumerate(files) if i not in (3, 11, 12, 44)]
+    assert outputs["1"] == outputs["2"]
+    errors = read_csv(tmp_path / "preds2.errors.csv")
+    assert [row["path"] for row in errors] == [files[3], files[11], files[12], files[44]]
+    assert all(row["error"].startswith("not a readable image") for row in errors)
+    classifier = sgan.load_classifier(run)
+    assert [row["class"] for row in rows] == classifier.predict([row["path"] for row in rows])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main([str(run), files[0], "--output", str(tmp_path / "p.csv"), "--workers", "0"])
+    assert exit_.value.code == 2 and "--workers must be >= 1" in capsys.readouterr().err
+
+
+def die_on_the_fifth(task):
+    """A decoding task whose process is killed (as the system's out-of-memory killer would) on task 5."""
+    if task == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return task
+
+
+def test_a_decoding_process_that_dies_is_an_error_not_a_hang():
+    started = time.monotonic()
+    with pytest.raises(ImageError, match="a process decoding images died .* --workers 1 for sgan.predict"):
+        list(_parallel_map(die_on_the_fifth, list(range(40)), workers=2, desc="", progress=False))
+    assert time.monotonic() - started < 60
+    assert multiprocessing.active_children() == []
 
 
 @pytest.mark.parametrize("args, message", [
