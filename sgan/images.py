@@ -171,9 +171,7 @@ def load_image(image, image_size: int, channels: int) -> np.ndarray:
     A path gives the very pixels training saw. A PIL image gets the same orientation and fitting, but PIL has
     decoded it already: a JPEG more than twice the size (which a path decodes at a reduced scale) may then
     differ by a few levels."""
-    _check_settings(image_size, channels, required_size=True)
-    if channels is None:
-        raise ImageError("channels must be 1 (grey) or 3 (RGB): the classifier's image shape says which")
+    _check_fit(image_size, channels)
     if isinstance(image, Image.Image):
         try:
             pixels = _fit(ImageOps.exif_transpose(image), image_size, channels)  # a copy: the caller's image stays
@@ -191,11 +189,9 @@ def load_image(image, image_size: int, channels: int) -> np.ndarray:
 
 def load_images(paths, image_size: int, channels: int, workers: int | None = None):
     """Image files decoded and fitted exactly as load_image does, in a pool of `workers` processes (default:
-    the cores this process may use; 1: in this process). Yields, in the order of `paths`, (pixels, None) for a readable file and
-    (None, why not) for one that is not: a bad file does not stop the others."""
-    _check_settings(image_size, channels, required_size=True)
-    if channels is None:
-        raise ImageError("channels must be 1 (grey) or 3 (RGB): the classifier's image shape says which")
+    the cores this process may use; 1: in this process). Yields, in the order of `paths`, (pixels, None) for a
+    readable file and (None, why not) for one that is not: a bad file does not stop the others."""
+    _check_fit(image_size, channels)
     tasks = [(os.fspath(path), image_size, channels) for path in paths]
     for decoded in _parallel_map(_decode_file, tasks, workers, "decode images", progress=False):
         yield (None, _unreadable(decoded.error)) if decoded.error else (np.array(decoded.pixels), None)
@@ -541,6 +537,13 @@ def _check_settings(image_size, channels, required_size: bool) -> None:
         raise ImageError(f"image_size must be an integer >= 4, not {image_size!r}")
     if channels not in (None, 1, 3):
         raise ImageError(f"channels must be 1 (grey), 3 (RGB) or None (3 if any image has colour), not {channels!r}")
+
+
+def _check_fit(image_size, channels) -> None:
+    """The settings of load_image(s): a size, and the channels the classifier takes."""
+    _check_settings(image_size, channels, required_size=True)
+    if channels is None:
+        raise ImageError("channels must be 1 (grey) or 3 (RGB): the classifier's image shape says which")
 
 
 def _bad_images_error(root: str, bad: list[tuple[str, str]]) -> ImageError:

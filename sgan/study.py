@@ -203,8 +203,6 @@ def run_cell(command: list[str], log: Path, threads: int | None = None) -> int |
     """Run one training subprocess, its output appended to `log`; its exit code, or None if the study is
     stopping and it did not start. threads: its OMP_NUM_THREADS, unless the environment sets one (runs side
     by side must not oversubscribe the cores)."""
-    if _stopping.is_set():
-        return None
     log.parent.mkdir(parents=True, exist_ok=True)
     python_path = [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, python_path))}
@@ -212,7 +210,7 @@ def run_cell(command: list[str], log: Path, threads: int | None = None) -> int |
         env["OMP_NUM_THREADS"] = str(threads)
     with open(log, "a") as out:
         with _running_lock:
-            if _stopping.is_set():  # again: a stop may have come while the log opened
+            if _stopping.is_set():
                 return None
             out.write(f"\n$ {shlex.join(command)}\n")
             out.flush()
@@ -240,8 +238,9 @@ def stop_runs() -> None:
 STOP_CODES = {-signal.SIGTERM, -signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGINT}
 
 
-def stopped_by_signal(code: int, directory: Path) -> bool:
-    return code in STOP_CODES or (code == 0 and cell_state(directory) != "done")
+def stopped_by_signal(code: int, state: str) -> bool:
+    """Whether a run that exited with `code`, leaving its cell in `state` (cell_state), was stopped by a signal."""
+    return code in STOP_CODES or (code == 0 and state != "done")
 
 
 def _interrupt(signum, frame):
@@ -469,15 +468,19 @@ def main(argv: list[str] | None = None) -> int:
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
 
     def run(prefix, directory, command, state):
+        """(exit code or None if not started, the cell's state afterwards, seconds)."""
         if _stopping.is_set():
-            return None, 0.0
+            return None, state, 0.0
         action = f"resuming from {complete_checkpoints(directory)[-1].name}" if state == "resume" else "running"
         print(f"{prefix}: {action} (log: {directory / 'train.log'})", flush=True)
         start = time.perf_counter()
         code = run_cell(command, directory / "train.log", threads)
-        if code is not None and stopped_by_signal(code, directory):
+        if code is None:
+            return None, state, 0.0
+        state = cell_state(directory)
+        if stopped_by_signal(code, state):
             _stopping.set()  # here, before this worker takes the next cell
-        return code, time.perf_counter() - start
+        return code, state, time.perf_counter() - start
 
     if args.dry_run:
         return 0
@@ -496,14 +499,14 @@ def main(argv: list[str] | None = None) -> int:
                 if future.cancelled():
                     continue
                 prefix, directory = futures[future][:2]
-                code, seconds = future.result()
+                code, state, seconds = future.result()
                 if code is None:
                     continue  # not started: the study is stopping
                 ran += 1
-                if code == 0 and cell_state(directory) == "done":
+                if code == 0 and state == "done":
                     error = json.loads((directory / "metrics.json").read_text())["test_error"]
                     print(f"{prefix}: test error {100 * error:.2f}% ({seconds:.0f} s)", flush=True)
-                elif stopped_by_signal(code, directory):
+                elif stopped_by_signal(code, state):
                     stopped.append(directory)
                     for other in futures:
                         other.cancel()  # whoever stopped this run is stopping the study: start nothing new
