@@ -10,8 +10,8 @@ throughput  trains each (recipe, backend) twice in this process, for --warmup-st
             one run, so the ratios hold even where absolute times are noisy. images/s counts the real images
             D trains on per step (labeled + unlabeled), as metrics.json does.
 time-to-accuracy  reads finished runs' metrics.json (per-epoch test or --split val accuracy and wall time, e.g.
-            the study's runs) and reports, per run and over the runs, the wall time and epoch at which the test accuracy
-            first reached each target (evaluated once per epoch, so the time is that epoch's end).
+            the study's runs) and reports, per run and over the runs of each recipe, the wall time and epoch at which
+            the test accuracy first reached each target (evaluated once per epoch, so the time is that epoch's end).
 Both print a table and write JSON (default benchmarks/results/training_<command>.json).
 """
 from __future__ import annotations
@@ -144,17 +144,22 @@ def time_to_accuracy(args) -> dict:
                          f"{hit['wall_seconds'] / 60:>7.1f} min (ep {hit['epoch']:g})".rjust(16))
         print(f"{run['label'] + ' seed ' + str(run['seed']):<38} {run['epochs']:>6g} "
               f"{run['final_accuracy']:>7.2%} {run['best_accuracy']:>7.2%} " + " ".join(cells))
-    summary = {}
-    for target in args.targets:
-        hits = [r["reached"][str(target)] for r in runs if r["reached"][str(target)] is not None]
-        summary[str(target)] = {"runs_reaching": len(hits), "runs": len(runs),
-                                "median_wall_seconds": statistics.median(h["wall_seconds"] for h in hits) if hits else None,
-                                "median_epoch": statistics.median(h["epoch"] for h in hits) if hits else None}
-        if hits:
-            print(f"{target:.0%}: reached by {len(hits)}/{len(runs)} runs, median "
-                  f"{summary[str(target)]['median_wall_seconds'] / 60:.1f} min (epoch {summary[str(target)]['median_epoch']:g})")
-        else:
-            print(f"{target:.0%}: reached by none of the {len(runs)} runs")
+    summary = {}  # per label: runs of different recipes (salimans and its baseline) are never pooled
+    for label in dict.fromkeys(run["label"] for run in runs):
+        mine = [run for run in runs if run["label"] == label]
+        summary[label] = {}
+        for target in args.targets:
+            hits = [r["reached"][str(target)] for r in mine if r["reached"][str(target)] is not None]
+            summary[label][str(target)] = {
+                "runs_reaching": len(hits), "runs": len(mine),
+                "median_wall_seconds": statistics.median(h["wall_seconds"] for h in hits) if hits else None,
+                "median_epoch": statistics.median(h["epoch"] for h in hits) if hits else None}
+            if hits:
+                print(f"{label}, {target:.0%}: reached by {len(hits)}/{len(mine)} runs, median "
+                      f"{summary[label][str(target)]['median_wall_seconds'] / 60:.1f} min "
+                      f"(epoch {summary[label][str(target)]['median_epoch']:g})")
+            else:
+                print(f"{label}, {target:.0%}: reached by none of the {len(mine)} runs")
     if args.plot:
         plot_curves(runs, args.targets, args.plot, key)
         print(f"wrote {args.plot}")

@@ -18,13 +18,14 @@ def bench():
     return module
 
 
-def write_run(path: Path, accuracies, seed: int, wall_per_epoch: float = 40.0, val=None) -> Path:
+def write_run(path: Path, accuracies, seed: int, wall_per_epoch: float = 40.0, val=None,
+              recipe: str = "salimans") -> Path:
     history = [{"epoch": i + 1, "step": 600 * (i + 1), "test_accuracy": a, "wall_seconds": wall_per_epoch * (i + 1),
                 "val_accuracy": val[i] if val else None}
                for i, a in enumerate(accuracies)]
     path.mkdir(parents=True)
     (path / "metrics.json").write_text(json.dumps({
-        "recipe": "salimans", "seed": seed, "num_labels": 100, "epochs": len(accuracies),
+        "recipe": recipe, "seed": seed, "num_labels": 100, "epochs": len(accuracies),
         "test_accuracy": accuracies[-1], "wall_seconds": wall_per_epoch * len(accuracies), "history": history}))
     return path
 
@@ -32,19 +33,23 @@ def write_run(path: Path, accuracies, seed: int, wall_per_epoch: float = 40.0, v
 def test_time_to_accuracy_takes_the_first_epoch_at_or_above_each_target(tmp_path, bench, capsys):
     fast = write_run(tmp_path / "a", [0.9, 0.981, 0.975, 0.99], seed=0)  # dips below 98% after reaching it
     slow = write_run(tmp_path / "b", [0.9, 0.95, 0.97, 0.985], seed=1)
+    baseline = write_run(tmp_path / "c", [0.7, 0.75, 0.99, 0.99], seed=0, recipe="supervised")
     out = tmp_path / "result.json"
     plot = tmp_path / "curves.png"
-    assert bench.main(["time-to-accuracy", str(fast), str(slow), "--out", str(out), "--plot", str(plot)]) == 0
+    assert bench.main(["time-to-accuracy", str(fast), str(slow), str(baseline), "--out", str(out),
+                       "--plot", str(plot)]) == 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = json.loads(out.read_text())
-    first, second = result["runs"]
+    first, second, _ = result["runs"]
     assert first["reached"]["0.98"] == {"epoch": 2, "wall_seconds": 80.0}
     assert first["reached"]["0.99"] == {"epoch": 4, "wall_seconds": 160.0}
     assert second["reached"]["0.98"] == {"epoch": 4, "wall_seconds": 160.0} and second["reached"]["0.99"] is None
     assert first["best_accuracy"] == 0.99 and second["final_accuracy"] == 0.985
-    assert result["summary"]["0.98"] == {"runs_reaching": 2, "runs": 2, "median_wall_seconds": 120.0,
-                                         "median_epoch": 3.0}
-    assert result["summary"]["0.99"]["runs_reaching"] == 1
+    salimans = result["summary"]["salimans"]  # the baseline's run is summarised apart, not pooled
+    assert salimans["0.98"] == {"runs_reaching": 2, "runs": 2, "median_wall_seconds": 120.0, "median_epoch": 3.0}
+    assert salimans["0.99"]["runs_reaching"] == 1
+    assert result["summary"]["supervised"]["0.98"] == {"runs_reaching": 1, "runs": 1, "median_wall_seconds": 120.0,
+                                                       "median_epoch": 3.0}
     assert "not reached" in capsys.readouterr().out
 
 
@@ -170,3 +175,31 @@ def test_paper_passes_a_stop_on_to_its_study(tmp_path, sig):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)  # whatever is left of paper.py and its study
+
+
+def test_paper_report_puts_salimans_beside_its_baseline_with_each_runs_time_to_accuracy(tmp_path):
+    """--report-only reads finished runs of both studies: one column per recipe (mean ± std over seeds), then a
+    row per run with its test error and the first epoch at each target."""
+    spec = importlib.util.spec_from_file_location("bench_paper_report", SCRIPT.parent / "paper.py")
+    paper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paper)
+    curves = {("salimans", 100): [0.9, 0.985, 0.99], ("salimans", 101): [0.9, 0.95, 0.97],
+              ("supervised", 100): [0.7, 0.75, 0.8]}
+    for (recipe, seed), accuracies in curves.items():
+        run = tmp_path / recipe / "runs" / "mnist" / recipe / "labels-100" / f"seed-{seed}"
+        write_run(run, accuracies, seed=seed, recipe=recipe)
+        metrics = json.loads((run / "metrics.json").read_text())
+        metrics.update(dataset="mnist", formulation="k-logit", test_error=1 - accuracies[-1], steps=1800)
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    assert paper.main(["--study-dir", str(tmp_path), "--report-only", "--labels", "mnist=100"]) == 0
+    report = (tmp_path / "results.md").read_text()
+    assert "| dataset | labels | salimans | supervised |" in report
+    assert "| mnist | 100 | 2.00 ± 1.41 (n=2, 1800 steps = 3 ep) | 20.00 ± 0.00 (n=1, 1800 steps = 3 ep) |" in report
+    assert "| mnist | 100 | salimans | 100 | 1.00 | ep 1 (0.7 min) | ep 2 (1.3 min) | ep 2 (1.3 min) | ep 3 (2.0 min) |" in report
+    assert "| mnist | 100 | salimans | 101 | 3.00 | ep 1 (0.7 min) | ep 2 (1.3 min) | – | – |" in report
+    assert "| mnist | 100 | supervised | 100 | 20.00 | – | – | – | – |" in report
+    assert (tmp_path / "accuracy_vs_labels.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "time_to_accuracy_mnist_100.json").read_text())["summary"]["salimans"]["0.98"][
+        "runs_reaching"] == 1
+    with pytest.raises(SystemExit, match="no finished runs"):
+        paper.main(["--study-dir", str(tmp_path / "empty"), "--report-only", "--labels", "mnist=100"])
