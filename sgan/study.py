@@ -233,8 +233,8 @@ def stop_runs() -> None:
                 process.send_signal(signal.SIGTERM)
 
 
-# How a run stopped by a signal ends: after its checkpoint, exit 0 (without a metrics.json); killed by it
-# while starting up (before its loop handles signals), -SIGNAL; or 128 + SIGNAL from a shell between.
+# How a run stopped by a signal ends: after its checkpoint, exit 0 (without a metrics.json); setting up,
+# exit 130; killed by it while importing (before sgan handles signals), -SIGNAL or 128 + SIGNAL from a shell.
 STOP_CODES = {-signal.SIGTERM, -signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGINT}
 
 

@@ -44,54 +44,56 @@ def train(config: TrainConfig, source: ImageSource | None = None) -> dict:
     instead of --dataset.
 
     A run stopped by SIGTERM or SIGINT checkpoints, writes no metrics.json, and returns the same dict with
-    "interrupted": True and "checkpoint" set. Raises ValueError, DataError, CheckpointError or
+    "interrupted": True and "checkpoint" set; stopped so before its first step (while loading data), it raises
+    KeyboardInterrupt. Raises ValueError, DataError, CheckpointError or
     FloatingPointError (a non-finite loss) with a message that says what to fix."""
-    config.validate()
-    output_dir = Path(config.output_dir)
-    accelerator = build_accelerator(config, output_dir)
-    rank, world_size, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    if config.sync_bn and device.type != "cuda":
-        raise ValueError("--sync-bn synchronises BatchNorm across GPUs and needs CUDA; this run is on "
-                         f"{device.type}: drop --sync-bn")
-    data = load_data(config, accelerator, source)  # before the output dir: bad data leaves no empty folder
-    if config.recipe == "salimans":
-        check_feature_layer(config.network_spec(data.source.image_shape, len(data.source.class_names)),
-                            config.feature_layer)
-    claim_output_dir(config, output_dir, accelerator)
-    schedule = Schedule.of(config, len(data.unlabeled_rows), world_size)
-    nets = build_networks(config, data, accelerator)
-    settings = step_settings(config, ops.resolve_backend(config.loss_backend, device))
-    progress = resume(config, accelerator, nets, data, schedule)
-    if progress.start_step == schedule.total_steps and (output_dir / "metrics.json").is_file():
-        accelerator.print(f"sgan: the run in {output_dir} has finished its {schedule.total_steps} steps already; "
-                          "nothing to do (raise --epochs or --max-steps to train on)")
-        return json.loads((output_dir / "metrics.json").read_text())
+    with StopRequest() as stop:  # until stop.arm(), a signal ends the run at once: no step has run, nothing to save
+        config.validate()
+        output_dir = Path(config.output_dir)
+        accelerator = build_accelerator(config, output_dir)
+        rank, world_size, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+        if config.sync_bn and device.type != "cuda":
+            raise ValueError("--sync-bn synchronises BatchNorm across GPUs and needs CUDA; this run is on "
+                             f"{device.type}: drop --sync-bn")
+        data = load_data(config, accelerator, source)  # before the output dir: bad data leaves no empty folder
+        if config.recipe == "salimans":
+            check_feature_layer(config.network_spec(data.source.image_shape, len(data.source.class_names)),
+                                config.feature_layer)
+        claim_output_dir(config, output_dir, accelerator)
+        schedule = Schedule.of(config, len(data.unlabeled_rows), world_size)
+        nets = build_networks(config, data, accelerator)
+        settings = step_settings(config, ops.resolve_backend(config.loss_backend, device))
+        progress = resume(config, accelerator, nets, data, schedule)
+        if progress.start_step == schedule.total_steps and (output_dir / "metrics.json").is_file():
+            accelerator.print(f"sgan: the run in {output_dir} has finished its {schedule.total_steps} steps already; "
+                              "nothing to do (raise --epochs or --max-steps to train on)")
+            return json.loads((output_dir / "metrics.json").read_text())
 
-    if accelerator.is_main_process:
-        (output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        (output_dir / "labeled_indices.json").write_text(json.dumps(
-            {"dataset": data.source.name, "seed": config.seed, "num_labels": len(data.labeled_indices),
-             "class_names": list(data.source.class_names), "labeled_per_class": data.labeled_per_class(),
-             "indices": data.labeled_indices.tolist(), "validation_indices": data.validation_indices.tolist()}))
-    tracking = start_tracker(accelerator, config, output_dir)
-    accelerator.print(
-        f"sgan: {config.recipe} recipe, {config.formulation}, {config.dataset} with {len(data.labeled_indices)} "
-        f"labels, {schedule.total_steps} steps ({schedule.epochs} epoch(s) of {schedule.steps_per_epoch}), batch "
-        f"{config.batch_size} x {world_size} process(es) on {device}, loss backend {settings.loss_backend}")
+        if accelerator.is_main_process:
+            (output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+            (output_dir / "labeled_indices.json").write_text(json.dumps(
+                {"dataset": data.source.name, "seed": config.seed, "num_labels": len(data.labeled_indices),
+                 "class_names": list(data.source.class_names), "labeled_per_class": data.labeled_per_class(),
+                 "indices": data.labeled_indices.tolist(), "validation_indices": data.validation_indices.tolist()}))
+        tracking = start_tracker(accelerator, config, output_dir)
+        accelerator.print(
+            f"sgan: {config.recipe} recipe, {config.formulation}, {config.dataset} with {len(data.labeled_indices)} "
+            f"labels, {schedule.total_steps} steps ({schedule.epochs} epoch(s) of {schedule.steps_per_epoch}), batch "
+            f"{config.batch_size} x {world_size} process(es) on {device}, loss backend {settings.loss_backend}")
 
-    def save_checkpoint(step: int) -> Path:
-        progress.last_checkpoint = checkpoints.save(
-            accelerator, output_dir, step, progress.fingerprint,
-            {"history": progress.history, "wall_seconds": progress.wall_seconds(),
-             "class_names": list(data.source.class_names), "image_shape": list(data.source.image_shape)},
-            config.keep_checkpoints,
-            {"ema": nets.ema.module.state_dict()} if nets.ema is not None else None)
-        return progress.last_checkpoint
+        def save_checkpoint(step: int) -> Path:
+            progress.last_checkpoint = checkpoints.save(
+                accelerator, output_dir, step, progress.fingerprint,
+                {"history": progress.history, "wall_seconds": progress.wall_seconds(),
+                 "class_names": list(data.source.class_names), "image_shape": list(data.source.image_shape)},
+                config.keep_checkpoints,
+                {"ema": nets.ema.module.state_dict()} if nets.ema is not None else None)
+            return progress.last_checkpoint
 
-    monitor = LossMonitor()
-    progress.started = time.perf_counter()  # the clock of this process's steps (images per second)
-    bar = progress_bar(accelerator, schedule.total_steps, progress.start_step)
-    with StopRequest() as stop:
+        monitor = LossMonitor()
+        progress.started = time.perf_counter()  # the clock of this process's steps (images per second)
+        bar = progress_bar(accelerator, schedule.total_steps, progress.start_step)
+        stop.arm()  # from here a signal is a request: the loop checkpoints after the step, then returns
         for step in range(progress.start_step, schedule.total_steps):
             done = step + 1  # steps finished once this one is
             inject_failure(step, rank)
@@ -133,15 +135,15 @@ def train(config: TrainConfig, source: ImageSource | None = None) -> dict:
                                   f"Continue with --resume latest --output-dir {output_dir}")
                 accelerator.end_training()
                 return run_metrics(config, data, schedule, progress, settings, accelerator, done, interrupted=True)
-    bar.close()
-    save_checkpoint(schedule.total_steps)
-    metrics = run_metrics(config, data, schedule, progress, settings, accelerator, schedule.total_steps)
-    write_outputs(accelerator, config, nets, output_dir, metrics)
-    if tracking:
-        accelerator.end_training()
-    accelerator.print(f"{format_scores(metrics)} after {schedule.total_steps} steps, {metrics['wall_seconds']:.0f} s; "
-                      f"outputs in {output_dir}")
-    return metrics
+        bar.close()
+        save_checkpoint(schedule.total_steps)
+        metrics = run_metrics(config, data, schedule, progress, settings, accelerator, schedule.total_steps)
+        write_outputs(accelerator, config, nets, output_dir, metrics)
+        if tracking:
+            accelerator.end_training()
+        accelerator.print(f"{format_scores(metrics)} after {schedule.total_steps} steps, "
+                          f"{metrics['wall_seconds']:.0f} s; outputs in {output_dir}")
+        return metrics
 
 
 # ------------------------------------------------------------------------------------------- the run's parts
@@ -561,10 +563,14 @@ def progress_bar(accelerator, total: int, initial: int):
 
 
 class StopRequest:
-    """Turns SIGTERM / SIGINT into a flag the loop checks after each step: checkpoint, then a clean exit."""
+    """SIGTERM and SIGINT for the whole run. While it sets up (loads and decodes images, builds, resumes), a
+    signal raises KeyboardInterrupt at once: no step has run, so there is nothing to save, and a long decode
+    must not make Ctrl-C wait. After arm(), a signal is only a flag the loop checks after each step:
+    checkpoint, then a clean exit; once the loop is over, the run writes its outputs and ends normally."""
 
     def __init__(self):
         self.signal = None
+        self.armed = False
         self.previous = {}
 
     def __enter__(self):
@@ -573,7 +579,12 @@ class StopRequest:
                 self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
+    def arm(self) -> None:
+        self.armed = True
+
     def _handle(self, signum, frame):
+        if not self.armed:
+            raise KeyboardInterrupt
         self.signal = signum
 
     def __exit__(self, *exc):
@@ -603,6 +614,10 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
     try:
         train(config)
+    except KeyboardInterrupt:  # a signal while the run set up (in the loop, a signal checkpoints instead)
+        print("sgan: stopped by a signal before the first step; nothing to save. Run the same command to start "
+              "again", file=sys.stderr)
+        return 128 + signal.SIGINT
     except (ValueError, FloatingPointError, DataError, ImageError, checkpoints.CheckpointError) as error:  # bad input: a message
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -185,6 +185,48 @@ def test_sigterm_checkpoints_then_exits_cleanly(tmp_path, mnist_root):
     assert metrics["steps"] == step + 2
 
 
+def test_a_signal_while_setting_up_ends_the_run_at_once_with_a_message(tmp_path, mnist_root, monkeypatch, capsys):
+    """Before the loop, a signal used to kill the run (SIGTERM) or print a traceback (Ctrl-C), after waiting out a
+    long decode. Now it ends the run at once: exit code 130, one line, no checkpoint, the handlers given back."""
+    import os
+
+    import sgan.train as train_module
+
+    loaded = []
+
+    def slow_load(*args):  # a long decode of a folder, signalled half-way
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+        loaded.append(True)
+
+    monkeypatch.setattr(train_module, "load_data", slow_load)
+    before = signal.getsignal(signal.SIGTERM)
+    started = time.monotonic()
+    assert main(flags(tmp_path / "run", mnist_root, "--max-steps", "4")) == 130
+    assert time.monotonic() - started < 20 and not loaded, "the signal must not wait for the decode"
+    assert "stopped by a signal before the first step; nothing to save" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_signal_after_the_last_step_lets_the_run_write_its_outputs(tmp_path, mnist_root, monkeypatch):
+    import os
+
+    import sgan.train as train_module
+
+    write_outputs = train_module.write_outputs
+
+    def signalled_write(*args):
+        os.kill(os.getpid(), signal.SIGTERM)  # the flag is set, but no step is left to check it
+        return write_outputs(*args)
+
+    monkeypatch.setattr(train_module, "write_outputs", signalled_write)
+    out = tmp_path / "run"
+    metrics = train(parse_config(flags(out, mnist_root, "--max-steps", "3", "--recipe", "supervised")))
+    assert not metrics["interrupted"] and metrics["steps"] == 3
+    assert (out / "metrics.json").is_file()
+
+
 # ------------------------------------------------------------------------------- faults found as a user would
 
 
