@@ -204,9 +204,10 @@ def _unreadable(error: str) -> str:
 SERIAL_BELOW = 16  # fewer tasks than this run in this process: starting a pool would cost more
 
 
-def _usable_cores() -> int:
+def usable_cores() -> int:
+    """The cores this process may run on: all of them unless taskset or a cpuset limits it."""
     try:
-        return len(os.sched_getaffinity(0))  # the cores this process may run on (taskset, cpusets)
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
 
@@ -229,7 +230,7 @@ def _parallel_map(func, tasks: list, workers: int | None, desc: str, progress: b
 
     from tqdm import tqdm
 
-    workers = min(workers or _usable_cores(), len(tasks))
+    workers = min(workers or usable_cores(), len(tasks))
     with tqdm(total=len(tasks), desc=desc, unit="img", disable=not progress, mininterval=0.5) as bar:
         if workers <= 1 or len(tasks) < SERIAL_BELOW:
             for task in tasks:

@@ -36,6 +36,7 @@ from pathlib import Path
 from . import config as sgan_config
 from .checkpoints import complete_checkpoints
 from .data import DATASETS, check_dataset, dataset_info, is_builtin, parse_num_labels
+from .images import usable_cores
 from .losses import FORMULATIONS
 
 DEFAULT_LABELS = {"mnist": ("20", "50", "100", "1000", "30000"), "fashion-mnist": ("100", "1000")}
@@ -465,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{prefix}: done, skipped")
         else:
             todo.append((prefix, directory, command, state))
-    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+    threads = max(1, usable_cores() // args.jobs) if args.jobs > 1 else None  # the cores we may use (taskset)
 
     def run(prefix, directory, command, state):
         """(exit code or None if not started, the cell's state afterwards, seconds)."""
