@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
             if f.name in ("cpu", "overwrite"):
                 kwargs["action"] = "store_true"
             else:
-                kwargs.update(type=_parse_bool, metavar="BOOL")
+                kwargs.update(type=_parse_bool, metavar="BOOL", nargs="?", const=True)  # a bare flag is true
         elif f.type in ("int",):
             kwargs["type"] = int
         elif f.type in ("int | None",):

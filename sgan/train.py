@@ -9,6 +9,7 @@ sgan/steps.py), with evaluation each epoch, checkpoints, and outputs at the end.
 """
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -75,6 +76,7 @@ def train(config: TrainConfig, source: ImageSource | None = None) -> dict:
                 {"dataset": data.source.name, "seed": config.seed, "num_labels": len(data.labeled_indices),
                  "class_names": list(data.source.class_names), "labeled_per_class": data.labeled_per_class(),
                  "indices": data.labeled_indices.tolist(), "validation_indices": data.validation_indices.tolist()}))
+            write_skipped(data.source.skipped, output_dir)
         tracking = start_tracker(accelerator, config, output_dir)
         accelerator.print(
             f"sgan: {config.recipe} recipe, {config.formulation}, {config.dataset} with {len(data.labeled_indices)} "
@@ -496,6 +498,22 @@ def run_metrics(config: TrainConfig, data: RunData, schedule: Schedule, progress
         "checkpoint": str(progress.last_checkpoint) if progress.last_checkpoint else None,
         "history": progress.history,
     }
+
+
+def write_skipped(skipped: list[tuple[str, str]], output_dir: Path) -> None:
+    """OUTPUT_DIR/skipped_files.csv: the files of a folder the run left out (bad images under --skip-bad-images,
+    files that are no images), each with the reason, and one line saying so: nothing is dropped unseen."""
+    listing = output_dir / "skipped_files.csv"
+    if not skipped:
+        listing.unlink(missing_ok=True)  # from an earlier run into this folder
+        return
+    with listing.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["path", "reason"])
+        writer.writerows(skipped)
+    bad = sum(reason.startswith("bad image") for _, reason in skipped)
+    print(f"sgan: left out {len(skipped)} file(s) of the folder ({bad} unreadable image(s)); the list and the "
+          f"reasons are in {listing}", flush=True)
 
 
 def write_outputs(accelerator, config: TrainConfig, nets: Networks, output_dir: Path, metrics: dict) -> None:

@@ -129,3 +129,25 @@ def test_label_and_validation_budgets_that_cannot_be_met_say_why():
     assert stratified_counts([1, 10, 100], 10, "--num-labels").tolist() == [1, 1, 8]
     with pytest.raises(ValueError, match="class 'cat', which has 2"):
         choose_validation(np.array([0, 0, 1, 1, 1, 2, 2, 2]), 6, 3, 0, CLASSES)
+
+
+def test_skipped_files_are_listed_in_the_output_dir(tmp_path, folder, capsys):
+    """--skip-bad-images (a bare flag, as the error message spells it) leaves a broken image out, and the run
+    names it: a line on stdout and OUTPUT_DIR/skipped_files.csv with the reason."""
+    import csv
+    import shutil
+
+    root = tmp_path / "photos"
+    shutil.copytree(folder, root)
+    (root / "labeled" / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    (root / "unlabeled" / "notes.txt").write_text("not an image either")
+    out = tmp_path / "run"
+    settings = ["--dataset", f"folder:{root}", "--image-size", "32", "--max-steps", "1", "--recipe", "supervised"]
+    assert main(flags(out, *settings)) == 1  # without the flag: an error that names the file
+    assert "broken.png" in capsys.readouterr().err
+    assert main(flags(out, *settings, "--skip-bad-images")) == 0
+    assert "left out 2 file(s) of the folder (1 unreadable image(s))" in capsys.readouterr().out
+    with (out / "skipped_files.csv").open(newline="") as file:
+        rows = {Path(row["path"]).name: row["reason"] for row in csv.DictReader(file)}
+    assert set(rows) == {"broken.png", "notes.txt"} and rows["broken.png"].startswith("bad image, skipped")
+    assert json.loads((out / "metrics.json").read_text())["labeled_per_class"]["cat"] == LABELED["cat"]
