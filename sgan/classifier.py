@@ -54,7 +54,8 @@ class Classifier(nn.Module):
         """Images as the network takes them: float [N, C, H, W] in [-1, 1] on the classifier's device.
 
         Accepted: a file path or PIL image, a list of them (mixed is fine), a uint8 tensor or numpy array
-        [N, C, H, W] at the classifier's size, or a float one already in the training scale [-1, 1]."""
+        [N, C, H, W] at the classifier's size, or a float one already in the training scale [-1, 1] (a float
+        batch with no value below 0 is refused: that is the [0, 1] scale of torchvision's ToTensor)."""
         if isinstance(images, (str, os.PathLike)) or _is_pil(images):
             images = [images]
         if isinstance(images, (list, tuple)):
@@ -82,6 +83,10 @@ class Classifier(nn.Module):
         if images.numel() and (images.min() < -1 or images.max() > 1):
             raise ImageError(f"float images range over [{images.min():.3g}, {images.max():.3g}], outside the "
                              "training scale [-1, 1]: pass uint8 pixels, or x / 127.5 - 1 for values in 0..255")
+        if images.numel() and images.min() >= 0:  # the training scale puts every dark pixel below 0
+            raise ImageError("float images all in [0, 1], as torchvision's ToTensor makes them, would be read as "
+                             "the training scale [-1, 1] and give wrong classes: pass x * 2 - 1, or uint8 pixels "
+                             "(x * 255).round().to(torch.uint8), or the files")
         return images
 
     def _check_shape(self, images: torch.Tensor) -> None:

@@ -224,6 +224,7 @@ def test_bad_arguments_fail_with_a_message(run, tmp_path, capsys, args, message)
     (torch.zeros(2, 3, 28, 28, dtype=torch.uint8), "C x H x W = 1x28x28"),
     (torch.zeros(2, 1, 32, 32, dtype=torch.uint8), "C x H x W = 1x28x28"),
     (torch.full((2, 1, 28, 28), 255.0), "outside the training scale [-1, 1]"),
+    (torch.rand(2, 1, 28, 28), "float images all in [0, 1], as torchvision's ToTensor"),  # used to give wrong classes
     (torch.zeros(2, 1, 28, 28, dtype=torch.int64), "dtype torch.int64"),
     ([1, 2], "a list holds file paths or PIL images"),
     ([], "no images given"),
