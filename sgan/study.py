@@ -234,8 +234,8 @@ def stop_runs() -> None:
                 process.send_signal(signal.SIGTERM)
 
 
-# How a run stopped by a signal ends: after its checkpoint, exit 0 (without a metrics.json); setting up,
-# exit 130; killed by it while importing (before sgan handles signals), -SIGNAL or 128 + SIGNAL from a shell.
+# How a run stopped by a signal ends: 128 + SIGNAL, after its checkpoint or while it sets up; killed by it while
+# importing (before sgan handles signals), -SIGNAL. (Before 128 + SIGNAL, a checkpointed stop exited 0.)
 STOP_CODES = {-signal.SIGTERM, -signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGINT}
 
 

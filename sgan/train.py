@@ -13,6 +13,7 @@ import csv
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -45,9 +46,10 @@ def train(config: TrainConfig, source: ImageSource | None = None) -> dict:
     instead of --dataset.
 
     A run stopped by SIGTERM or SIGINT checkpoints, writes no metrics.json, and returns the same dict with
-    "interrupted": True and "checkpoint" set; stopped so before its first step (while loading data), it raises
-    KeyboardInterrupt. Raises ValueError, DataError, CheckpointError or
-    FloatingPointError (a non-finite loss) with a message that says what to fix."""
+    "interrupted": True, "stopped_by" (the signal's name) and "checkpoint" set; stopped so before its first
+    step (while loading data), it raises KeyboardInterrupt (the signal's name as its argument). Raises
+    ValueError, DataError, CheckpointError or FloatingPointError (a non-finite loss) with a message that says
+    what to fix."""
     with StopRequest() as stop:  # until stop.arm(), a signal ends the run at once: no step has run, nothing to save
         config.validate()
         output_dir = Path(config.output_dir)
@@ -133,10 +135,11 @@ def train(config: TrainConfig, source: ImageSource | None = None) -> dict:
                 monitor.read(progress.last_checkpoint)  # never a checkpoint after a non-finite loss
                 path = save_checkpoint(done)
                 bar.close()
-                accelerator.print(f"sgan: stopped by a signal after step {done}; checkpoint {path}. "
-                                  f"Continue with --resume latest --output-dir {output_dir}")
+                accelerator.print(f"sgan: stopped by a signal after step {done}; checkpoint {path}. Continue with "
+                                  f"{continue_flags(output_dir)}")
                 accelerator.end_training()
-                return run_metrics(config, data, schedule, progress, settings, accelerator, done, interrupted=True)
+                return {**run_metrics(config, data, schedule, progress, settings, accelerator, done, interrupted=True),
+                        "stopped_by": signal.Signals(stop.signal or signal.SIGTERM).name}  # other ranks: by rank 0's
         bar.close()
         save_checkpoint(schedule.total_steps)
         metrics = run_metrics(config, data, schedule, progress, settings, accelerator, schedule.total_steps)
@@ -371,7 +374,13 @@ def resume(config: TrainConfig, accelerator, nets: Networks, data: RunData, sche
 
 
 RUN_OUTPUTS = ("checkpoints", "model", "wandb", "sgan", "config.yaml", "labeled_indices.json", "metrics.json",
-               "samples.png")  # what a run writes into --output-dir (sgan/: TensorBoard's folder)
+               "samples.png", "skipped_files.csv")  # what a run writes into --output-dir (sgan/: TensorBoard's folder)
+
+
+def continue_flags(output_dir: Path) -> str:
+    """The flags that continue a stopped run: its own settings (config.yaml) and its newest checkpoint. The bare
+    --resume latest --output-dir would fall back to the default settings for every other flag."""
+    return f"--config {shlex.quote(str(output_dir / 'config.yaml'))} --resume latest"
 
 
 def claim_output_dir(config: TrainConfig, output_dir: Path, accelerator) -> None:
@@ -602,7 +611,7 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         if not self.armed:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(signal.Signals(signum).name)
         self.signal = signum
 
     def __exit__(self, *exc):
@@ -631,18 +640,21 @@ def inject_failure(step: int, rank: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
     try:
-        train(config)
-    except KeyboardInterrupt:  # a signal while the run set up (in the loop, a signal checkpoints instead)
+        metrics = train(config)
+    except KeyboardInterrupt as stopped:  # a signal while the run set up (in the loop, a signal checkpoints instead)
         print("sgan: stopped by a signal before the first step; nothing to save. Run the same command to start "
               "again", file=sys.stderr)
-        return 128 + signal.SIGINT
+        name = stopped.args[0] if stopped.args and stopped.args[0] in signal.Signals.__members__ else "SIGINT"
+        return 128 + signal.Signals[name]
     except (ValueError, FloatingPointError, DataError, ImageError, checkpoints.CheckpointError) as error:  # bad input: a message
         print(f"error: {error}", file=sys.stderr)
         return 1
     except OSError as error:  # the output dir failed mid-run (disk full, removed, read-only): checkpoints complete
         print(f"error: {error}. Checkpoints are written whole or not at all: fix the output dir, then continue "
-              f"with --resume latest --output-dir {config.output_dir}", file=sys.stderr)
+              f"with {continue_flags(Path(config.output_dir))}", file=sys.stderr)
         return 1
+    if metrics.get("interrupted"):  # checkpointed; not 0, so that `train && evaluate` and shell loops stop too
+        return 128 + signal.Signals[metrics["stopped_by"]]
     return 0
 
 

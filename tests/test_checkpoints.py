@@ -175,19 +175,25 @@ def test_sigterm_checkpoints_then_exits_cleanly(tmp_path, mnist_root):
     finally:
         process.kill()
     stdout, stderr = "".join(lines), process.stderr.read()
-    assert process.returncode == 0, stderr[-2000:]
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]  # checkpointed, but not a finished run
     assert "stopped by a signal" in stdout
     saved = list((out / "checkpoints").glob("step_*/trainer_state.json"))
     assert len(saved) == 1
     step = json.loads(saved[0].read_text())["step"]
     assert step >= 1
+    # The printed flags continue the run with its own settings (bare --resume latest would take the defaults):
+    # here --max-steps 100000 and batch 20 come back from config.yaml.
+    continued = stdout.split("Continue with ")[1].split()
+    assert continued == ["--config", str(out / "config.yaml"), "--resume", "latest"]
+    config = parse_config(continued)
+    assert config.max_steps == 100000 and config.batch_size == 20 and config.output_dir == str(out)
     metrics = train(parse_config(flags(out, mnist_root, "--max-steps", str(step + 2), "--resume", "latest")))
     assert metrics["steps"] == step + 2
 
 
 def test_a_signal_while_setting_up_ends_the_run_at_once_with_a_message(tmp_path, mnist_root, monkeypatch, capsys):
     """Before the loop, a signal used to kill the run (SIGTERM) or print a traceback (Ctrl-C), after waiting out a
-    long decode. Now it ends the run at once: exit code 130, one line, no checkpoint, the handlers given back."""
+    long decode. Now it ends the run at once: exit code 143, one line, no checkpoint, the handlers given back."""
     import os
 
     import sgan.train as train_module
@@ -202,7 +208,7 @@ def test_a_signal_while_setting_up_ends_the_run_at_once_with_a_message(tmp_path,
     monkeypatch.setattr(train_module, "load_data", slow_load)
     before = signal.getsignal(signal.SIGTERM)
     started = time.monotonic()
-    assert main(flags(tmp_path / "run", mnist_root, "--max-steps", "4")) == 130
+    assert main(flags(tmp_path / "run", mnist_root, "--max-steps", "4")) == 128 + signal.SIGTERM
     assert time.monotonic() - started < 20 and not loaded, "the signal must not wait for the decode"
     assert "stopped by a signal before the first step; nothing to save" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is before
