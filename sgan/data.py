@@ -659,9 +659,13 @@ def split_labeled_pool(labels, num_labels: int | None, val_size: int, class_name
 SOURCE_KINDS = ("folder:", "npz:")  # your own images: folder:PATH, npz:FILE
 
 
+ARRAYS = "arrays"  # the name of images given from Python (sgan.images.from_arrays), as a run's config.yaml records it
+
+
 def check_dataset(spec: str) -> None:
-    """A built-in dataset's name, folder:PATH or npz:FILE; else a ValueError that lists what is accepted."""
-    if spec in DATASETS or any(spec.startswith(kind) and spec[len(kind):].strip() for kind in SOURCE_KINDS):
+    """A built-in dataset's name, folder:PATH, npz:FILE, or a run's record of arrays given from Python (which
+    open_source refuses with its own message); else a ValueError that lists what is accepted."""
+    if spec in DATASETS or spec == ARRAYS or any(spec.startswith(kind) and spec[len(kind):].strip() for kind in SOURCE_KINDS):
         return
     raise ValueError(f"--dataset {spec!r}: use a built-in dataset ({', '.join(DATASETS)}), folder:PATH (a folder "
                      "with labeled/<class>/ and optionally unlabeled/, val/<class>/, test/<class>/) or npz:FILE")
@@ -678,6 +682,10 @@ def open_source(spec: str, root: Path | str | None = None, image_size: int | Non
     from .images import ImageSource, Split, open_folder, open_npz
 
     check_dataset(spec)
+    if spec == ARRAYS:
+        raise ValueError("dataset 'arrays' records that a run's images were given from Python "
+                         "(sgan.images.from_arrays); they cannot be opened again: pass them again with "
+                         "sgan.train.train(config, source), or save them with numpy.savez and use --dataset npz:FILE")
     if spec.startswith("folder:"):
         return open_folder(spec[len("folder:"):], image_size or DEFAULT_IMAGE_SIZE, channels,
                            skip_bad_images=skip_bad_images)

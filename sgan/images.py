@@ -728,7 +728,9 @@ def from_arrays(x_labeled, y_labeled, x_unlabeled=None, x_val=None, y_val=None, 
     Arrays already NCHW at the chosen size and channels are used as they are, without a copy."""
     arrays = {"x_labeled": x_labeled, "y_labeled": y_labeled, "x_unlabeled": x_unlabeled, "x_val": x_val,
               "y_val": y_val, "x_test": x_test, "y_test": y_test, "class_names": class_names}
-    return _from_named(arrays, "arrays", "arrays", image_size, channels)
+    from .data import ARRAYS
+
+    return _from_named(arrays, ARRAYS, "arrays", image_size, channels)
 
 
 def _parse_spec(spec) -> tuple[str, str]:

@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,8 @@ def train(config: TrainConfig, source: ImageSource | None = None) -> dict:
     what to fix."""
     with StopRequest() as stop:  # until stop.arm(), a signal ends the run at once: no step has run, nothing to save
         config.validate()
+        if source is not None:  # config.yaml records what the run trained on, not --dataset's unused default
+            config = replace(config, dataset=source.name)
         output_dir = Path(config.output_dir)
         accelerator = build_accelerator(config, output_dir)
         rank, world_size, device = accelerator.process_index, accelerator.num_processes, accelerator.device

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from sgan.config import parse_config
@@ -76,7 +77,7 @@ def test_num_labels_takes_a_stratified_subset_of_a_folder(tmp_path, folder):
     assert metrics["labeled_per_class"]["dog house"] >= metrics["labeled_per_class"]["cat"]  # in proportion
 
 
-def test_in_memory_arrays_train_without_validation(tmp_path):
+def test_in_memory_arrays_train_without_validation(tmp_path, capsys):
     rng = np.random.default_rng(1)
     labels = np.arange(12) % 3
     images = np.stack([draw(c, rng) for c in labels]).transpose(0, 3, 1, 2)[:, :, :16, :16]
@@ -86,6 +87,16 @@ def test_in_memory_arrays_train_without_validation(tmp_path):
                                        "--image-size", "16")), source)
     assert metrics["val_accuracy"] is None and metrics["num_val"] == 0
     assert metrics["test_accuracy"] is not None and metrics["num_labels"] == 12
+    # config.yaml says what the run trained on (it said mnist, --dataset's default, so rerunning it trained on MNIST)
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["dataset"] == "arrays"
+    from sgan.evaluate import main as evaluate_main
+
+    assert evaluate_main([str(tmp_path / "run"), "--cpu"]) == 1
+    assert "given from Python (sgan.images.from_arrays); they cannot be opened again" in capsys.readouterr().err
+    assert main(["--config", str(tmp_path / "run" / "config.yaml"), "--resume", "latest"]) == 1  # nor retrained
+    npz = tmp_path / "test.npz"
+    np.savez(npz, x_labeled=images, y_labeled=labels, x_unlabeled=images[:0], x_test=images, y_test=labels)
+    assert evaluate_main([str(tmp_path / "run"), "--cpu", "--dataset", f"npz:{npz}", "--out", str(tmp_path / "e")]) == 0
 
 
 def test_the_readme_python_example_runs(tmp_path, monkeypatch):
