@@ -71,7 +71,8 @@ class TrainConfig:
     val_size: int = option(0, "images of the labeled pool held out for validation (class-balanced, never "
                            "trained on); a folder's val/ or an npz's x_val is used as it is", resume="match")
     epochs: int = option(1, "passes over the (unlabeled) training set", resume="free")
-    max_steps: int | None = option(None, "stop after this many steps (overrides --epochs)", resume="free")
+    max_steps: int | None = option(None, "stop after this many steps, at most --epochs' worth (the lr schedule "
+                                      "still spans --epochs, so the run can be resumed further)", resume="free")
     batch_size: int = option(100, "images per batch and process: each step D sees this many unlabeled, labeled "
                              "and generated images", resume="match")
     lr: float = option(2e-4, "Adam learning rate for D and G", resume="match")

@@ -395,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS),
                         help="seeds per cell (default: 0 1 2)")
     parser.add_argument("--epochs", type=int, default=None, help="--epochs of every run (default: train's, 1)")
-    parser.add_argument("--max-steps", type=int, default=None, help="--max-steps of every run (default: none)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="--max-steps of every run: cuts each short of its --epochs (default: none)")
     parser.add_argument("--extra", default="", help="more train flags for every run, one quoted string, e.g. "
                         "--extra \"--tracker none --batch-size 50\"")
     parser.add_argument("--jobs", type=int, default=1,

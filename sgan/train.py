@@ -66,6 +66,10 @@ def train(config: TrainConfig, source: ImageSource | None = None) -> dict:
                                 config.feature_layer)
         claim_output_dir(config, output_dir, accelerator)
         schedule = Schedule.of(config, len(data.unlabeled_rows), world_size)
+        if config.max_steps and config.max_steps > schedule.schedule_steps:
+            accelerator.print(f"sgan: --max-steps {config.max_steps} is more than the {schedule.schedule_steps} steps "
+                              f"of --epochs {config.epochs}, so the run trains {schedule.schedule_steps}: --max-steps "
+                              "only cuts a run short; raise --epochs to train longer")
         nets = build_networks(config, data, accelerator)
         settings = step_settings(config, ops.resolve_backend(config.loss_backend, device))
         progress = resume(config, accelerator, nets, data, schedule)

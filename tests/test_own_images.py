@@ -162,3 +162,13 @@ def test_skipped_files_are_listed_in_the_output_dir(tmp_path, folder, capsys):
         rows = {Path(row["path"]).name: row["reason"] for row in csv.DictReader(file)}
     assert set(rows) == {"broken.png", "notes.txt"} and rows["broken.png"].startswith("bad image, skipped")
     assert json.loads((out / "metrics.json").read_text())["labeled_per_class"]["cat"] == LABELED["cat"]
+
+
+def test_max_steps_beyond_the_epochs_says_the_run_trains_the_epochs(tmp_path, folder, capsys):
+    """--max-steps only cuts a run short: beyond --epochs' steps the run says how many it trains, and why."""
+    metrics = train(parse_config(flags(tmp_path / "run", "--dataset", f"folder:{folder}", "--image-size", "32",
+                                       "--recipe", "supervised", "--max-steps", "50")))
+    steps = metrics["steps"]
+    assert steps < 50  # one epoch of the folder's 40 unlabeled images
+    assert f"--max-steps 50 is more than the {steps} steps of --epochs 1, so the run trains {steps}" in \
+        capsys.readouterr().out
