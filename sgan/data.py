@@ -94,7 +94,7 @@ FASHION_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 def default_root() -> Path:
-    return Path(os.environ.get("SGAN_DATA_ROOT", "data"))
+    return Path(os.environ.get("SGAN_DATA_ROOT", "data")).expanduser()
 
 
 def dataset_info(name: str) -> DatasetInfo:
@@ -471,7 +471,7 @@ def download_files(root: Path, info: DatasetInfo) -> None:
 def prepare(name: str, root: Path | str | None = None, source: str = "auto", quiet: bool = False) -> Path:
     """Make the dataset's files exist and validate them; return the root. Idempotent."""
     info = dataset_info(name)
-    root = Path(root) if root is not None else default_root()
+    root = Path(root).expanduser() if root is not None else default_root()  # ~ from a YAML file or --root=~/x
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     if source not in ("auto", "offline", "torchvision"):
         raise ValueError(f"unknown source {source!r}: choose auto, offline or torchvision")
@@ -512,7 +512,7 @@ def read_builtin_split(name: str, train: bool, root: Path | str | None = None) -
     MNIST and Fashion-MNIST through torchvision's dataset class after checking the IDX files; CIFAR-10 and
     SVHN read and checked here. Prepares the dataset on first use."""
     info = dataset_info(name)
-    root = Path(root) if root is not None else default_root()
+    root = Path(root).expanduser() if root is not None else default_root()  # ~ from a YAML file or --root=~/x
     prepared = is_prepared(root, info)
     if not prepared:
         print(f"sgan.data: {name} is not prepared under {root} yet; preparing it now (first use)", flush=True)
@@ -682,6 +682,9 @@ def open_source(spec: str, root: Path | str | None = None, image_size: int | Non
     from .images import ImageSource, Split, open_folder, open_npz
 
     check_dataset(spec)
+    for kind in SOURCE_KINDS:  # no shell expands the ~ of folder:~/photos
+        if spec.startswith(kind):
+            spec = kind + os.path.expanduser(spec[len(kind):])
     if spec == ARRAYS:
         raise ValueError("dataset 'arrays' records that a run's images were given from Python "
                          "(sgan.images.from_arrays); they cannot be opened again: pass them again with "
