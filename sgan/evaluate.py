@@ -24,7 +24,7 @@ import torch
 from .checkpoints import STATE_FILE
 from .config import TrainConfig, load_yaml_config
 from .data import DATASETS, DEFAULT_IMAGE_SIZE, DataError, as_tensor, is_builtin, open_source, to_model_scale
-from .images import ImageError
+from .images import ImageError, Split
 from .losses import class_logits
 from .models import build_discriminator, build_generator
 
@@ -256,7 +256,8 @@ def format_report(result: dict) -> str:
     names = result["class_names"]
     width = max(len(name) for name in names)
     lines = [f"{result.get('split', 'test')} accuracy {result['test_accuracy']:.4f} (error "
-             f"{100 * result['test_error']:.2f}%) on {result['num_images']} images of {result['scored_on']}", "", f"{'class':>5}  {'name':<{width}}  {'images':>6}  {'accuracy':>8}"]
+             f"{100 * result['test_error']:.2f}%) on {result['num_images']} images of {result['scored_on']}", "",
+             f"{'class':>5}  {'name':<{width}}  {'images':>6}  {'accuracy':>8}"]
     for row in result["per_class"]:
         accuracy = "-" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
         lines.append(f"{row['class']:>5}  {row['name']:<{width}}  {row['count']:>6}  {accuracy:>8}")
@@ -319,9 +320,11 @@ def check_scorable(name: str, class_names, image_shape, record: Record) -> None:
                               "same order")
 
 
-def open_scored_images(config: TrainConfig, record: Record, dataset: str | None, data_root: str | None, split: str):
+def open_scored_images(config: TrainConfig, record: Record, dataset: str | None, data_root: str | None, split: str,
+                       run_dir: Path | None = None):
     """(the source, its split to score): the run's own source as training opened it, or --dataset SOURCE fitted
-    to the run's image shape; its classes must be the run's."""
+    to the run's image shape; its classes must be the run's. The val split of a run that held out --val-size
+    images is those images (labeled_indices.json in run_dir records them)."""
     root = data_root or config.data_root
     if dataset is None:
         images = open_source(record.dataset, root, config.image_size, config.channels, config.skip_bad_images)
@@ -334,9 +337,19 @@ def open_scored_images(config: TrainConfig, record: Record, dataset: str | None,
         images = open_source(dataset, root, size, channels, config.skip_bad_images)
     check_scorable(images.name, images.class_names, images.image_shape, record)
     scored = getattr(images, split)
+    if scored is None and split == "val" and dataset is None and run_dir is not None:
+        held_out = read_json(run_dir / "labeled_indices.json", "the run's labeled and validation images") \
+            .get("validation_indices") or []
+        if held_out:  # --val-size: images of the labeled pool, as training held them out
+            index = np.asarray(held_out)
+            if index.dtype.kind not in "iu" or index.ndim != 1 or index.min() < 0 or index.max() >= len(images.labeled):
+                raise EvaluationError(f"{run_dir / 'labeled_indices.json'}: its validation_indices are not indices "
+                                      f"of {images.name}'s {len(images.labeled)} labeled images: restore the file "
+                                      "the run wrote")
+            scored = Split(images.labeled.images[index], np.asarray(images.labeled.labels)[index], None)
     if scored is None:
         raise EvaluationError(f"{images.name} has no {split} images to score the run on (a folder's {split}/<class>/, "
-                              f"an npz's x_{split} and y_{split}); --split chooses another of "
+                              f"an npz's x_{split} and y_{split}, or a run's --val-size); --split chooses another of "
                               f"{', '.join(SPLITS)}")
     return images, scored
 
@@ -349,7 +362,7 @@ def evaluate(path: Path, out: Path | None = None, data_root: str | None = None, 
 
     source, config, record = open_run(Path(path))
     torch_device = pick_device(device)
-    images, scored = open_scored_images(config, record, dataset, data_root, split)
+    images, scored = open_scored_images(config, record, dataset, data_root, split, source.config_file.parent)
     class_names = record.class_names
     discriminator, generator = build_models(source, config, record, torch_device)
     matrix = confusion_matrix(discriminator, as_tensor(scored.images),

@@ -172,3 +172,20 @@ def test_max_steps_beyond_the_epochs_says_the_run_trains_the_epochs(tmp_path, fo
     assert steps < 50  # one epoch of the folder's 40 unlabeled images
     assert f"--max-steps 50 is more than the {steps} steps of --epochs 1, so the run trains {steps}" in \
         capsys.readouterr().out
+
+
+def test_evaluate_scores_the_validation_images_a_run_held_out(tmp_path, mnist_root, capsys):
+    """--split val of a --val-size run scores the images training held out (it said the source had none)."""
+    from sgan.evaluate import main as evaluate_main
+
+    out = tmp_path / "run"
+    metrics = train(parse_config(["--tracker", "none", "--cpu", "--output-dir", str(out), "--data-root",
+                                  str(mnist_root), "--recipe", "supervised", "--val-size", "50", "--max-steps", "3"]))
+    assert evaluate_main([str(out), "--cpu", "--split", "val", "--out", str(tmp_path / "eval")]) == 0
+    evaluated = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert evaluated["num_images"] == 50 and evaluated["split"] == "val"
+    assert round(evaluated["test_accuracy"] * 50) == round(metrics["val_accuracy"] * 50)  # the same 50 images
+    record = json.loads((out / "labeled_indices.json").read_text())
+    (out / "labeled_indices.json").write_text(json.dumps({**record, "validation_indices": [10 ** 9]}))
+    assert evaluate_main([str(out), "--cpu", "--split", "val", "--out", str(tmp_path / "eval2")]) == 1
+    assert "validation_indices are not indices of mnist's 60000 labeled images" in capsys.readouterr().err
