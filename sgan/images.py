@@ -384,18 +384,17 @@ def _scan(root: str) -> _Scan:
     class_names = tuple(sorted(classes["labeled"]))
     if not class_names:
         raise ImageError(f"{root}/labeled/ has no class folders: put each class's images in labeled/<class>/")
-    for split in ("val", "test"):
-        if split in classes and set(classes[split]) != set(class_names):
+    files = []
+    for split in SPLITS:  # labeled/ first: an empty class folder there is named before val/ and test/ differ
+        if not os.path.isdir(os.path.join(root, split)):
+            continue
+        if split in ("val", "test") and set(classes[split]) != set(class_names):
             extra, missing = set(classes[split]) - set(class_names), set(class_names) - set(classes[split])
             raise ImageError(f"{root}/{split}/ has other classes than labeled/: "
                              f"{'only in ' + split + '/: ' + ', '.join(sorted(extra)) if extra else ''}"
                              f"{'; ' if extra and missing else ''}"
                              f"{'missing from ' + split + '/: ' + ', '.join(sorted(missing)) if missing else ''}"
                              f"; {split}/ needs exactly labeled/'s class folders")
-    files = []
-    for split in SPLITS:
-        if not os.path.isdir(os.path.join(root, split)):
-            continue
         folders = [(split, -1)] if split == "unlabeled" else [(os.path.join(split, c), i)
                                                                for i, c in enumerate(class_names)]
         for folder, label in folders:

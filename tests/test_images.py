@@ -308,8 +308,9 @@ def test_decompression_bombs_are_refused_from_the_header(tmp_path, decodes):
     assert "DecompressionBombError" in skipped[str(root / "unlabeled/bomb.png")]
 
 
-def test_empty_class_folder_is_an_error(tmp_path):
-    root = make_folder(tmp_path / "d", val=False)
+@pytest.mark.parametrize("val", [False, True])
+def test_empty_class_folder_is_an_error(tmp_path, val):
+    root = make_folder(tmp_path / "d", val=val)  # with val/: the empty folder is named, not val/'s missing class
     (root / "labeled" / "owl").mkdir()
     (root / "labeled" / "owl" / "notes.txt").write_text("no images here")
     with pytest.raises(ImageError, match=r"labeled/owl has no image files .*add at least one"):
