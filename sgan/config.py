@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from .data import DATASETS, check_dataset, check_label_budget, is_builtin, parse_num_labels
+from .data import DATASETS, check_builtin_shape, check_dataset, check_label_budget, is_builtin, parse_num_labels
 from .losses import FORMULATIONS
 from .models import SUPPORTED_SIZES, NetworkSpec
 from .ops import BACKENDS
@@ -188,6 +188,7 @@ class TrainConfig:
                 raise ValueError(message)
         if is_builtin(self.dataset):
             info = DATASETS[self.dataset]
+            check_builtin_shape(self.dataset, self.image_size, self.channels)  # at parse time: exit 2, no loading
             check_label_budget(num_labels, info.num_classes)
             if num_labels is not None and num_labels + self.val_size > info.train_size:
                 raise ValueError(f"--num-labels {num_labels}{f' + --val-size {self.val_size}' if self.val_size else ''}"

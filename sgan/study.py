@@ -253,6 +253,17 @@ def _already_stopping(signum, frame):
     os.write(2, b"sgan.study: already stopping: waiting for the runs to write their checkpoints\n")
 
 
+_say_lock = threading.Lock()
+
+
+def say(text: str) -> None:
+    """Print whole lines: runs report from several threads, and print()'s separate writes of the text and the
+    newline glued their lines together."""
+    with _say_lock:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
+
 def last_line(log: Path) -> str:
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
     return lines[-1].strip() if lines else "(no output)"
@@ -311,7 +322,7 @@ def aggregate(records: list[dict]) -> list[dict]:
 
 
 def format_cell(cell: dict) -> str:
-    text = f"{100 * cell['test_error_mean']:.2f} ± {100 * cell['test_error_std']:.2f}"
+    text = f"{100 * cell['test_error_mean']:.2f}" + (f" ± {100 * cell['test_error_std']:.2f}" if cell["n"] > 1 else "")
     steps = "/".join(str(s) for s in cell["steps"])
     epochs = "/".join(f"{e:.3g}" for e in cell["epochs"])
     return f"{text} (n={cell['n']}, {steps} steps = {epochs} ep)"
@@ -474,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         if _stopping.is_set():
             return None, state, 0.0
         action = f"resuming from {complete_checkpoints(directory)[-1].name}" if state == "resume" else "running"
-        print(f"{prefix}: {action} (log: {directory / 'train.log'})", flush=True)
+        say(f"{prefix}: {action} (log: {directory / 'train.log'})")
         start = time.perf_counter()
         code = run_cell(command, directory / "train.log", threads)
         if code is None:
@@ -507,22 +518,21 @@ def main(argv: list[str] | None = None) -> int:
                 ran += 1
                 if code == 0 and state == "done":
                     error = json.loads((directory / "metrics.json").read_text())["test_error"]
-                    print(f"{prefix}: test error {100 * error:.2f}% ({seconds:.0f} s)", flush=True)
+                    say(f"{prefix}: test error {100 * error:.2f}% ({seconds:.0f} s)")
                 elif stopped_by_signal(code, state):
                     stopped.append(directory)
                     for other in futures:
                         other.cancel()  # whoever stopped this run is stopping the study: start nothing new
                     checkpoints = complete_checkpoints(directory)
                     running = sum(other.running() for other in futures)
-                    print(f"{prefix}: stopped by a signal "
-                          f"({f'checkpoint {checkpoints[-1].name}' if checkpoints else 'before its first checkpoint'})"
-                          f"; starting no new run" + (f", waiting for the {running} running" if running else ""),
-                          flush=True)
+                    say(f"{prefix}: stopped by a signal "
+                        f"({f'checkpoint {checkpoints[-1].name}' if checkpoints else 'before its first checkpoint'})"
+                        f"; starting no new run" + (f", waiting for the {running} running" if running else ""))
                 else:
                     failed.append(directory)
                     why = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-                    print(f"{prefix}: FAILED ({why}): {last_line(directory / 'train.log')}\n"
-                          f"    full log: {directory / 'train.log'}", flush=True)
+                    say(f"{prefix}: FAILED ({why}): {last_line(directory / 'train.log')}\n"
+                        f"    full log: {directory / 'train.log'}")
                 write_results(study_dir)  # the tables are up to date after every run
         except KeyboardInterrupt:
             if handlers:  # a second Ctrl-C or SIGTERM must not cut the wait for the checkpoints short

@@ -164,6 +164,9 @@ def resolve_precision(mixed_precision: str, on_cuda: bool) -> str:
     """--mixed-precision auto: bf16 where bf16 matrix products are native, else "no". Here (AVX512-BF16) a
     bf16 product of D's shapes runs 2.1-2.3x as fast as a float32 one (benchmarks/results/peak.json); where
     bf16 is emulated it would be slower."""
+    if mixed_precision == "fp16" and not on_cuda:
+        raise ValueError("--mixed-precision fp16 needs a GPU: on the CPU accelerate would train in float32 and "
+                         "record fp16; use bf16 or no")
     if mixed_precision != "auto":
         return mixed_precision
     if on_cuda:

@@ -133,6 +133,14 @@ def test_discriminator_loss_normalises_each_term_by_its_rows(real_rows):
     torch.testing.assert_close(supervised, sums([0])[0] / 4)
 
 
+def test_fp16_on_the_cpu_is_refused_not_recorded():
+    from sgan.train import resolve_precision
+
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):  # accelerate trained float32 and metrics said fp16
+        resolve_precision("fp16", on_cuda=False)
+    assert resolve_precision("fp16", on_cuda=True) == "fp16" and resolve_precision("no", on_cuda=False) == "no"
+
+
 def test_learning_rate_holds_then_decays_linearly_to_zero():
     constant = parse_config(["--lr", "0.01"])
     assert [learning_rate(constant, step, 100) for step in (0, 50, 99)] == [0.01] * 3
@@ -161,6 +169,7 @@ def test_learning_rate_holds_then_decays_linearly_to_zero():
         (["--recipe", "supervised", "--g-steps", "2"], "the supervised recipe has no G"),
         (["--num-labels", "105"], "not divisible by the 10 classes"),
         (["--config", "/nonexistent.yaml"], "no such file"),
+        (["--image-size", "32"], "are for your own images; mnist is 1x28x28"),  # at parse time, not after loading
     ],
 )
 def test_bad_flags_exit_with_a_message(flags, message, capsys):
