@@ -60,6 +60,7 @@ def predict_files(classifier, files: list[str], output: Path, top_k: int = 1, ba
     header = ["path", "class", "probability"] + [f"{name}_{rank}" for rank in range(2, top_k + 1)
                                                  for name in ("class", "probability")]
     errors, predicted = [], Counter()
+    Path(output).parent.mkdir(parents=True, exist_ok=True)  # as sgan.export does
     with open(output, "w", newline="", encoding="utf-8") as out, \
             tqdm(total=len(files), desc="predict", unit="img", disable=not progress, dynamic_ncols=True) as bar:
         writer = csv.writer(out)

@@ -242,6 +242,9 @@ def load_data(config: TrainConfig, accelerator, source: ImageSource | None = Non
             source = open_source(config.dataset, config.data_root, config.image_size, config.channels,
                                  config.skip_bad_images)
     builtin = source.name == config.dataset and is_builtin(config.dataset)
+    if len(source.class_names) < 2:
+        raise ValueError(f"{source.name} has one class ({', '.join(source.class_names)}): a classifier needs two or "
+                         "more; give each class its own labeled/<class>/ folder (or labels)")
     if config.val_size and source.val is not None:
         raise ValueError(f"--val-size {config.val_size}: {source.name} has its own validation images; drop "
                          "--val-size")

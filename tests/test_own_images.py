@@ -189,3 +189,13 @@ def test_evaluate_scores_the_validation_images_a_run_held_out(tmp_path, mnist_ro
     (out / "labeled_indices.json").write_text(json.dumps({**record, "validation_indices": [10 ** 9]}))
     assert evaluate_main([str(out), "--cpu", "--split", "val", "--out", str(tmp_path / "eval2")]) == 1
     assert "validation_indices are not indices of mnist's 60000 labeled images" in capsys.readouterr().err
+
+
+def test_a_folder_of_one_class_is_refused(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    (tmp_path / "one" / "labeled" / "cat").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(draw(0, rng)).save(tmp_path / "one" / "labeled" / "cat" / f"{i}.png")
+    assert main(flags(tmp_path / "run", "--dataset", f"folder:{tmp_path / 'one'}", "--max-steps", "1")) == 1
+    assert "has one class (cat): a classifier needs two or more" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before the output dir is made

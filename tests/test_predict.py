@@ -79,7 +79,7 @@ def test_csv_accuracy_on_a_labeled_folder_is_the_runs_own(run, digits, tmp_path,
 
 def test_the_python_api_agrees_with_the_csv_for_every_input(run, digits, tmp_path):
     root, paths, images, _ = digits
-    output = tmp_path / "preds.csv"
+    output = tmp_path / "new" / "preds.csv"  # a folder that does not exist yet is made
     assert main([str(run), *map(str, paths[:40]), "--output", str(output), "--top-k", "3", "--device", "cpu"]) == 0
     rows = read_csv(output)
     classifier = sgan.load_classifier(run)
