@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from .data import DATASETS, check_builtin_shape, check_dataset, check_label_budget, is_builtin, parse_num_labels
+from .data import DATASETS, check_dataset, check_label_budget, is_builtin, parse_num_labels
 from .losses import FORMULATIONS
 from .models import SUPPORTED_SIZES, NetworkSpec
 from .ops import BACKENDS
@@ -54,8 +54,8 @@ class TrainConfig:
                           "PATH/labeled/<class>/..., optional PATH/unlabeled/**, PATH/val/<class>/, PATH/test/<class>/) "
                           "or npz:FILE (arrays x_labeled, y_labeled, x_unlabeled, optional x_val, y_val, x_test, "
                           "y_test, class_names)", resume="match")
-    image_size: int | None = option(None, "your images are resized to this square size (default 32); built-in "
-                                    "datasets keep their own", resume="match")
+    image_size: int | None = option(None, "your images are centre-cropped to a square and resized to this size "
+                                    "(default 32); built-in datasets keep their own", resume="match")
     channels: int | None = option(None, "1 (grey) or 3 (RGB) for your images (default: 3 if any image has "
                                   "colour)", resume="match", choices=(1, 3))
     skip_bad_images: bool = option(False, "skip unreadable images of a folder (listed in the output dir) instead of "
@@ -188,7 +188,6 @@ class TrainConfig:
                 raise ValueError(message)
         if is_builtin(self.dataset):
             info = DATASETS[self.dataset]
-            check_builtin_shape(self.dataset, self.image_size, self.channels)  # at parse time: exit 2, no loading
             check_label_budget(num_labels, info.num_classes)
             if num_labels is not None and num_labels + self.val_size > info.train_size:
                 raise ValueError(f"--num-labels {num_labels}{f' + --val-size {self.val_size}' if self.val_size else ''}"

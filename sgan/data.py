@@ -671,14 +671,6 @@ def check_dataset(spec: str) -> None:
                      "with labeled/<class>/ and optionally unlabeled/, val/<class>/, test/<class>/) or npz:FILE")
 
 
-def check_builtin_shape(spec: str, image_size: int | None, channels: int | None) -> None:
-    """A built-in dataset keeps its own size and channels: a ValueError for other --image-size or --channels."""
-    info = dataset_info(spec)
-    if image_size not in (None, info.image_size) or channels not in (None, info.channels):
-        raise ValueError(f"--image-size and --channels are for your own images; {spec} is "
-                         f"{info.channels}x{info.image_size}x{info.image_size}: drop them")
-
-
 def is_builtin(spec: str) -> bool:
     return spec in DATASETS
 
@@ -703,7 +695,9 @@ def open_source(spec: str, root: Path | str | None = None, image_size: int | Non
     if spec.startswith("npz:"):
         return open_npz(spec[len("npz:"):], image_size, channels)
     info = dataset_info(spec)
-    check_builtin_shape(spec, image_size, channels)
+    if image_size not in (None, info.image_size) or channels not in (None, info.channels):
+        raise ValueError(f"--image-size and --channels are for your own images; {spec} is "
+                         f"{info.channels}x{info.image_size}x{info.image_size}: drop them")
     splits = [read_builtin_split(spec, train, root) for train in (True, False)]
     train, test = (Split(images.numpy(), labels.numpy(), None) for images, labels in splits)
     return ImageSource(spec, info.class_names, labeled=train, unlabeled=None, val=None, test=test, skipped=[])

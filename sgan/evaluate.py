@@ -109,6 +109,14 @@ def unreadable_weights(file: Path, error: Exception) -> EvaluationError:
                            "corrupt or not safetensors: evaluate another checkpoint, or retrain")
 
 
+def recorded(file: Path, key: str, default=None):
+    """A value a run's JSON file records, or default: the weights loaded fine, so a missing note is no failure."""
+    try:
+        return json.loads(file.read_text())[key]
+    except (OSError, ValueError, KeyError, TypeError):
+        return default
+
+
 def read_json(file: Path, what: str):
     try:
         return json.loads(file.read_text())
@@ -327,6 +335,10 @@ def open_scored_images(config: TrainConfig, record: Record, dataset: str | None,
     images is those images (labeled_indices.json in run_dir records them)."""
     root = data_root or config.data_root
     if dataset is None:
+        kind, _, where = record.dataset.partition(":")
+        if kind in ("folder", "npz") and not Path(where).expanduser().exists():
+            raise EvaluationError(f"the run trained on {record.dataset}, which is not there any more: if the images "
+                                  f"moved, pass --dataset {kind}:NEW_PATH")
         images = open_source(record.dataset, root, config.image_size, config.channels, config.skip_bad_images)
     elif is_builtin(dataset):
         info = DATASETS[dataset]
@@ -368,26 +380,23 @@ def evaluate(path: Path, out: Path | None = None, data_root: str | None = None, 
     matrix = confusion_matrix(discriminator, as_tensor(scored.images),
                               torch.from_numpy(np.asarray(scored.labels)), config.formulation, len(class_names),
                               batch_size, torch_device)
+    num_labels = recorded(source.config_file.parent / "labeled_indices.json", "num_labels", config.num_labels)
     result = {"source": str(source.path), "kind": source.kind, "config": str(source.config_file),
               "weights": str(source.discriminator_file), "dataset": config.dataset, "recipe": config.recipe,
-              "formulation": config.formulation, "num_labels": config.num_labels, "seed": config.seed,
-              "scored_on": images.name, "split": split, **summarize(matrix, class_names)}
+              "formulation": config.formulation, "num_labels": num_labels,  # the count, where the flag says auto
+              "seed": config.seed, "scored_on": images.name, "split": split, **summarize(matrix, class_names)}
+    # the step of the weights (a run's evaluation.json is not mistaken for a later one's after --resume)
     if source.kind == "checkpoint":
-        try:
-            result["step"] = json.loads((source.path / STATE_FILE).read_text())["step"]
-        except (OSError, ValueError, KeyError):
-            result["step"] = None  # the weights loaded fine: a missing step is not worth failing for
-    elif dataset is None and split == "test" and (source.path / "metrics.json").is_file():
-        # what training reported for the same weights and images, to compare
-        try:
-            result["reported_test_accuracy"] = json.loads((source.path / "metrics.json").read_text())["test_accuracy"]
-        except (OSError, ValueError, KeyError):
-            pass
+        result["step"] = recorded(source.path / STATE_FILE, "step")
+    else:
+        result["step"] = recorded(source.path / "metrics.json", "steps")
+        if dataset is None and split == "test":  # what training reported for the same weights and images
+            result["reported_test_accuracy"] = recorded(source.path / "metrics.json", "test_accuracy")
 
     out = Path(out) if out is not None else source.path
     out.mkdir(parents=True, exist_ok=True)
     plot_confusion_matrix(result, out / "confusion_matrix.png",
-                          f"{config.dataset}, {config.recipe}/{config.formulation}, {config.num_labels} labels\n"
+                          f"{config.dataset}, {config.recipe}/{config.formulation}, {result['num_labels']} labels\n"
                           f"{split} accuracy {100 * result['test_accuracy']:.2f}%"
                           f"{'' if dataset is None else ' on ' + images.name}")
     result["files"] = {"confusion_matrix": str(out / "confusion_matrix.png")}

@@ -66,6 +66,7 @@ def test_a_folder_trains_end_to_end_with_validation_and_test(tmp_path, folder):
     assert evaluate_main([str(out), "--cpu", "--out", str(tmp_path / "eval")]) == 0  # rebuilt from config.yaml
     evaluated = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert evaluated["num_images"] == 18
+    assert evaluated["num_labels"] == 10 and evaluated["step"] == 4  # the count behind --num-labels auto
     assert round(evaluated["test_accuracy"] * 18) == round(metrics["test_accuracy"] * 18)  # the same images right
 
 
@@ -199,3 +200,20 @@ def test_a_folder_of_one_class_is_refused(tmp_path, capsys):
     assert main(flags(tmp_path / "run", "--dataset", f"folder:{tmp_path / 'one'}", "--max-steps", "1")) == 1
     assert "has one class (cat): a classifier needs two or more" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # refused before the output dir is made
+
+
+def test_evaluating_a_run_whose_images_moved_says_to_point_at_them(tmp_path, folder, capsys):
+    import shutil
+
+    from sgan.evaluate import main as evaluate_main
+
+    root = tmp_path / "photos"
+    shutil.copytree(folder, root)
+    out = tmp_path / "run"
+    assert main(flags(out, "--dataset", f"folder:{root}", "--image-size", "32", "--max-steps", "1", "--recipe",
+                      "supervised")) == 0
+    root.rename(tmp_path / "moved")
+    assert evaluate_main([str(out), "--cpu", "--out", str(tmp_path / "e")]) == 1
+    assert "which is not there any more: if the images moved, pass --dataset folder:NEW_PATH" in capsys.readouterr().err
+    assert evaluate_main([str(out), "--cpu", "--dataset", f"folder:{tmp_path / 'moved'}", "--out",
+                          str(tmp_path / "e")]) == 0

@@ -169,7 +169,6 @@ def test_learning_rate_holds_then_decays_linearly_to_zero():
         (["--recipe", "supervised", "--g-steps", "2"], "the supervised recipe has no G"),
         (["--num-labels", "105"], "not divisible by the 10 classes"),
         (["--config", "/nonexistent.yaml"], "no such file"),
-        (["--image-size", "32"], "are for your own images; mnist is 1x28x28"),  # at parse time, not after loading
     ],
 )
 def test_bad_flags_exit_with_a_message(flags, message, capsys):
