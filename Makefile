@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Flags for launch/train.py, e.g. make train ARGS="--recipe supervised --epochs 2"
 ARGS ?=
 # Flags for `accelerate launch` (one process by default; see README for DDP)
-LAUNCH_ARGS ?= --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
+LAUNCH_ARGS ?= --quiet --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 # Flags for pytest, e.g. make test PYTEST_ARGS="-m slow"
 PYTEST_ARGS ?=
 
