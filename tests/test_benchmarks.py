@@ -194,10 +194,13 @@ def test_paper_report_puts_salimans_beside_its_baseline_with_each_runs_time_to_a
     assert paper.main(["--study-dir", str(tmp_path), "--report-only", "--labels", "mnist=100"]) == 0
     report = (tmp_path / "results.md").read_text()
     assert "| dataset | labels | salimans | supervised |" in report
+    assert "| seed | test error | 70% | 80% | 90% | 95% | 98% | 99% |" in report
     assert "| mnist | 100 | 2.00 ± 1.41 (n=2, 1800 steps = 3 ep) | 20.00 (n=1, 1800 steps = 3 ep) |" in report
-    assert "| mnist | 100 | salimans | 100 | 1.00 | ep 1 (0.7 min) | ep 2 (1.3 min) | ep 2 (1.3 min) | ep 3 (2.0 min) |" in report
-    assert "| mnist | 100 | salimans | 101 | 3.00 | ep 1 (0.7 min) | ep 2 (1.3 min) | – | – |" in report
-    assert "| mnist | 100 | supervised | 100 | 20.00 | – | – | – | – |" in report
+    assert "| mnist | 100 | salimans | 100 | 1.00 | ep 1 (0.7 min) | ep 1 (0.7 min) | ep 1 (0.7 min) | ep 2 (1.3 min) " \
+           "| ep 2 (1.3 min) | ep 3 (2.0 min) |" in report
+    assert "| mnist | 100 | salimans | 101 | 3.00 | ep 1 (0.7 min) | ep 1 (0.7 min) | ep 1 (0.7 min) | ep 2 (1.3 min) " \
+           "| – | – |" in report
+    assert "| mnist | 100 | supervised | 100 | 20.00 | ep 1 (0.7 min) | ep 3 (2.0 min) | – | – | – | – |" in report
     assert (tmp_path / "accuracy_vs_labels.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "time_to_accuracy_mnist_100.json").read_text())["summary"]["salimans"]["0.98"][
         "runs_reaching"] == 1
