@@ -17,6 +17,7 @@ every formulation (k-plus-one and two-head leave their real/fake output out).
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,7 @@ class Classifier(nn.Module):
 
         Accepted: a file path or PIL image, a list of them (mixed is fine), a uint8 tensor or numpy array
         [N, C, H, W] at the classifier's size, or a float one already in the training scale [-1, 1] (a float
-        batch with no value below 0 is refused: that is the [0, 1] scale of torchvision's ToTensor)."""
+        batch with no value below 0 gets a warning: it may be in torchvision's ToTensor scale, [0, 1])."""
         if isinstance(images, (str, os.PathLike)) or _is_pil(images):
             images = [images]
         if isinstance(images, (list, tuple)):
@@ -84,9 +85,10 @@ class Classifier(nn.Module):
             raise ImageError(f"float images range over [{images.min():.3g}, {images.max():.3g}], outside the "
                              "training scale [-1, 1]: pass uint8 pixels, or x / 127.5 - 1 for values in 0..255")
         if images.numel() and images.min() >= 0:  # the training scale puts every dark pixel below 0
-            raise ImageError("float images all in [0, 1], as torchvision's ToTensor makes them, would be read as "
-                             "the training scale [-1, 1] and give wrong classes: pass x * 2 - 1, or uint8 pixels "
-                             "(x * 255).round().to(torch.uint8), or the files")
+            warnings.warn("float images with no value below 0: if they are in [0, 1], as torchvision's ToTensor "
+                          "makes them, they are read as the training scale [-1, 1] and the classes will be wrong: "
+                          "pass x * 2 - 1, or uint8 pixels (x * 255).round().to(torch.uint8), or the files",
+                          UserWarning, stacklevel=4)
         return images
 
     def _check_shape(self, images: torch.Tensor) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -325,7 +324,6 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     args = parser.parse_args(argv)  # command-line flags still win over both
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     values["num_labels"] = str(values["num_labels"])
-    values["output_dir"] = os.path.expanduser(values["output_dir"])  # ~ that no shell expanded (--output-dir=~/a)
     config = TrainConfig(**values)
     try:
         config.validate()

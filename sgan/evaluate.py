@@ -85,8 +85,8 @@ def locate(path: Path) -> Source:
     if kind == "checkpoint" and (path / CHECKPOINT_EMA).is_file():  # what training scored, and model/ holds
         d_file = path / CHECKPOINT_EMA
     if not d_file.is_file():
-        hint = "evaluate one of its checkpoints (checkpoints/step_*), or finish the run (--resume latest)" \
-            if kind == "run" else "the checkpoint is incomplete: evaluate another one"
+        hint = f"evaluate one of its checkpoints (checkpoints/step_*), or finish the run (--config {config_file} " \
+            "--resume latest)" if kind == "run" else "the checkpoint is incomplete: evaluate another one"
         raise EvaluationError(f"{d_file}: missing, so there is no discriminator to evaluate; {hint}")
     g_file = path / g_name
     return Source(path, kind, config_file, d_file, g_file if g_file.is_file() else None)

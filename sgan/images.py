@@ -213,7 +213,10 @@ def usable_cores() -> int:
 
 
 def _ignore_interrupt() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: not one traceback per worker
+    # Ctrl-C and SIGTERM are the parent's (a forked worker would inherit sgan.train's stop handler): not one
+    # traceback per worker; the parent stops the pool.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _map_chunk(func, chunk: list) -> list:
@@ -410,7 +413,7 @@ def _scan(root: str) -> _Scan:
 # ---------------------------------------------------------------- the cache file
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("SGAN_CACHE_DIR") or Path.home() / ".cache" / "sgan")
+    return Path(os.environ.get("SGAN_CACHE_DIR") or Path.home() / ".cache" / "sgan").expanduser()
 
 
 def _cache_file(root: str, image_size: int, channels: int | None, cache_dir) -> str:

@@ -50,10 +50,11 @@ def train(config: TrainConfig, source: ImageSource | None = None) -> dict:
     step (while loading data), it raises KeyboardInterrupt (the signal's name as its argument). Raises
     ValueError, DataError, CheckpointError or FloatingPointError (a non-finite loss) with a message that says
     what to fix."""
-    with StopRequest() as stop:  # until stop.arm(), a signal ends the run at once: no step has run, nothing to save
-        config.validate()
+    with StopRequest() as stop:  # until stop.arm(), a signal ends the run at once: nothing of it is written yet
         if source is not None:  # config.yaml records what the run trained on, not --dataset's unused default
             config = replace(config, dataset=source.name)
+        config = replace(config, output_dir=os.path.expanduser(config.output_dir))  # --output-dir=~/runs: no shell
+        config.validate()
         output_dir = Path(config.output_dir)
         accelerator = build_accelerator(config, output_dir)
         rank, world_size, device = accelerator.process_index, accelerator.num_processes, accelerator.device
@@ -65,6 +66,9 @@ def train(config: TrainConfig, source: ImageSource | None = None) -> dict:
             check_feature_layer(config.network_spec(data.source.image_shape, len(data.source.class_names)),
                                 config.feature_layer)
         claim_output_dir(config, output_dir, accelerator)
+        # From here a signal is a request the loop honours after its next step (a checkpoint, then a clean exit):
+        # the folder is claimed, and config.yaml, which the continue command reads, must be written whole.
+        stop.arm()
         schedule = Schedule.of(config, len(data.unlabeled_rows), world_size)
         if config.max_steps and config.max_steps > schedule.schedule_steps:
             accelerator.print(f"sgan: --max-steps {config.max_steps} is more than the {schedule.schedule_steps} steps "
@@ -103,7 +107,6 @@ def train(config: TrainConfig, source: ImageSource | None = None) -> dict:
         monitor = LossMonitor()
         progress.started = time.perf_counter()  # the clock of this process's steps (images per second)
         bar = progress_bar(accelerator, schedule.total_steps, progress.start_step)
-        stop.arm()  # from here a signal is a request: the loop checkpoints after the step, then returns
         for step in range(progress.start_step, schedule.total_steps):
             done = step + 1  # steps finished once this one is
             inject_failure(step, rank)
@@ -137,15 +140,16 @@ def train(config: TrainConfig, source: ImageSource | None = None) -> dict:
                     log_evaluation(accelerator, config, nets.plain_g, output_dir, done, scores, epoch)
             if checkpoint_due:
                 save_checkpoint(done)
-            if stop.requested(accelerator, collective=done % config.log_every == 0):
+            if done < schedule.total_steps and stop.requested(accelerator, collective=done % config.log_every == 0):
                 monitor.read(progress.last_checkpoint)  # never a checkpoint after a non-finite loss
                 path = save_checkpoint(done)
                 bar.close()
-                accelerator.print(f"sgan: stopped by a signal after step {done}; checkpoint {path}. Continue with "
-                                  f"{continue_flags(output_dir)}")
+                accelerator.print(f"sgan: stopped by a signal after step {done}; checkpoint {path}. "
+                                  + continue_how(output_dir, world_size, source is not None))
                 accelerator.end_training()
                 return {**run_metrics(config, data, schedule, progress, settings, accelerator, done, interrupted=True),
-                        "stopped_by": signal.Signals(stop.signal or signal.SIGTERM).name}  # other ranks: by rank 0's
+                        # a rank stopped by another's signal reports SIGTERM
+                        "stopped_by": signal.Signals(stop.signal or signal.SIGTERM).name}
         bar.close()
         save_checkpoint(schedule.total_steps)
         metrics = run_metrics(config, data, schedule, progress, settings, accelerator, schedule.total_steps)
@@ -390,9 +394,18 @@ RUN_OUTPUTS = ("checkpoints", "model", "wandb", "sgan", "config.yaml", "labeled_
 
 
 def continue_flags(output_dir: Path) -> str:
-    """The flags that continue a stopped run: its own settings (config.yaml) and its newest checkpoint. The bare
-    --resume latest --output-dir would fall back to the default settings for every other flag."""
-    return f"--config {shlex.quote(str(output_dir / 'config.yaml'))} --resume latest"
+    """The flags that continue a stopped run: its own settings (config.yaml), its folder (wherever it is now)
+    and its newest checkpoint. The bare --resume latest --output-dir fell back to the defaults for the rest."""
+    folder = shlex.quote(str(output_dir))
+    return f"--config {shlex.quote(str(output_dir / 'config.yaml'))} --output-dir {folder} --resume latest"
+
+
+def continue_how(output_dir: Path, world_size: int, from_python: bool) -> str:
+    """How to continue a stopped run, said after its checkpoint."""
+    if from_python:
+        return "Continue with train(replace(config, resume='latest'), source), with the same source"
+    launch = f" (launched as before, with {world_size} processes)" if world_size > 1 else ""
+    return f"Continue with {continue_flags(output_dir)}{launch}"
 
 
 def claim_output_dir(config: TrainConfig, output_dir: Path, accelerator) -> None:
@@ -602,10 +615,10 @@ def progress_bar(accelerator, total: int, initial: int):
 
 
 class StopRequest:
-    """SIGTERM and SIGINT for the whole run. While it sets up (loads and decodes images, builds, resumes), a
-    signal raises KeyboardInterrupt at once: no step has run, so there is nothing to save, and a long decode
-    must not make Ctrl-C wait. After arm(), a signal is only a flag the loop checks after each step:
-    checkpoint, then a clean exit; once the loop is over, the run writes its outputs and ends normally."""
+    """SIGTERM and SIGINT for the whole run. While it loads and decodes its images, before it claims its output
+    folder, a signal raises KeyboardInterrupt at once: nothing of the run is written, and a long decode must not
+    make Ctrl-C wait. After arm(), a signal is only a flag the loop checks after each step but the last:
+    checkpoint, then a clean exit; in the last step, the run writes its outputs and ends normally."""
 
     def __init__(self):
         self.signal = None
@@ -662,8 +675,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except OSError as error:  # the output dir failed mid-run (disk full, removed, read-only): checkpoints complete
-        print(f"error: {error}. Checkpoints are written whole or not at all: fix the output dir, then continue "
-              f"with {continue_flags(Path(config.output_dir))}", file=sys.stderr)
+        output_dir = Path(config.output_dir).expanduser()
+        how = f"continue with {continue_flags(output_dir)}" if (output_dir / "config.yaml").is_file() else \
+            "run the same command again"
+        print(f"error: {error}. Checkpoints are written whole or not at all: fix the output dir, then {how}",
+              file=sys.stderr)
         return 1
     if metrics.get("interrupted"):  # checkpointed; not 0, so that `train && evaluate` and shell loops stop too
         return 128 + signal.Signals[metrics["stopped_by"]]

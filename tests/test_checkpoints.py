@@ -184,11 +184,11 @@ def test_sigterm_checkpoints_then_exits_cleanly(tmp_path, mnist_root):
     # The printed flags continue the run with its own settings (bare --resume latest would take the defaults):
     # here --max-steps 100000 and batch 20 come back from config.yaml.
     continued = stdout.split("Continue with ")[1].split()
-    assert continued == ["--config", str(out / "config.yaml"), "--resume", "latest"]
+    assert continued == ["--config", str(out / "config.yaml"), "--output-dir", str(out), "--resume", "latest"]
     config = parse_config(continued)
     assert config.max_steps == 100000 and config.batch_size == 20 and config.output_dir == str(out)
-    metrics = train(parse_config(flags(out, mnist_root, "--max-steps", str(step + 2), "--resume", "latest")))
-    assert metrics["steps"] == step + 2
+    metrics = train(parse_config([*continued, "--max-steps", str(step + 2)]))  # the printed flags resume it
+    assert metrics["steps"] == step + 2 and metrics["resumed_from"].endswith(saved[0].parent.name)
 
 
 def test_a_signal_while_setting_up_ends_the_run_at_once_with_a_message(tmp_path, mnist_root, monkeypatch, capsys):
@@ -215,22 +215,48 @@ def test_a_signal_while_setting_up_ends_the_run_at_once_with_a_message(tmp_path,
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_a_signal_after_the_last_step_lets_the_run_write_its_outputs(tmp_path, mnist_root, monkeypatch):
+@pytest.mark.parametrize("during", ["classifier_accuracy", "write_outputs"])
+def test_a_signal_in_the_last_step_lets_the_run_finish(tmp_path, mnist_root, monkeypatch, during):
+    """A signal during the last step's evaluation, or while the outputs are written, must not turn a finished
+    run into an interrupted one without outputs."""
     import os
 
     import sgan.train as train_module
 
-    write_outputs = train_module.write_outputs
+    original = getattr(train_module, during)
 
-    def signalled_write(*args):
-        os.kill(os.getpid(), signal.SIGTERM)  # the flag is set, but no step is left to check it
-        return write_outputs(*args)
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # the flag is set; no step is left to act on it
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "write_outputs", signalled_write)
+    monkeypatch.setattr(train_module, during, signalled)
     out = tmp_path / "run"
     metrics = train(parse_config(flags(out, mnist_root, "--max-steps", "3", "--recipe", "supervised")))
     assert not metrics["interrupted"] and metrics["steps"] == 3
     assert (out / "metrics.json").is_file()
+
+
+def test_a_signal_once_the_folder_is_claimed_checkpoints_after_the_first_step(tmp_path, mnist_root, monkeypatch):
+    """From claiming the output dir on (config.yaml, the tracker), a signal is a request: the run takes one step,
+    checkpoints, and the printed flags continue it. It used to end at once, leaving a folder that the same
+    command refused and --resume could not continue."""
+    import os
+
+    import sgan.train as train_module
+
+    start_tracker = train_module.start_tracker
+
+    def signalled(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return start_tracker(*args)
+
+    monkeypatch.setattr(train_module, "start_tracker", signalled)
+    out = tmp_path / "run"
+    metrics = train(parse_config(flags(out, mnist_root, "--max-steps", "5", "--recipe", "supervised")))
+    assert metrics["interrupted"] and metrics["steps"] == 1 and metrics["stopped_by"] == "SIGTERM"
+    monkeypatch.setattr(train_module, "start_tracker", start_tracker)
+    resumed = train(parse_config(["--config", str(out / "config.yaml"), "--resume", "latest"]))
+    assert resumed["steps"] == 5 and not resumed["interrupted"]
 
 
 # ------------------------------------------------------------------------------- faults found as a user would

@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import signal
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -218,13 +219,23 @@ def test_bad_arguments_fail_with_a_message(run, tmp_path, capsys, args, message)
     assert err.startswith("error: ") and message in err, err
 
 
+def test_float_images_in_the_to_tensor_scale_get_a_warning(run):
+    """[0, 1] floats (torchvision's ToTensor) passed the [-1, 1] check and gave wrong classes without a word;
+    a batch with values below 0 is plainly in the training scale and gets none."""
+    classifier = sgan.load_classifier(run)
+    with pytest.warns(UserWarning, match="if they are in \\[0, 1\\], as torchvision's ToTensor makes them"):
+        classifier.predict(torch.rand(2, 1, 28, 28))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        classifier.predict(torch.rand(2, 1, 28, 28) * 2 - 1)
+
+
 @pytest.mark.parametrize("images, message", [
     (torch.zeros(1, 28, 28, dtype=torch.uint8), "add the batch dimension"),
     (torch.zeros(2, 28, 28, 1, dtype=torch.uint8), "channels last?"),
     (torch.zeros(2, 3, 28, 28, dtype=torch.uint8), "C x H x W = 1x28x28"),
     (torch.zeros(2, 1, 32, 32, dtype=torch.uint8), "C x H x W = 1x28x28"),
     (torch.full((2, 1, 28, 28), 255.0), "outside the training scale [-1, 1]"),
-    (torch.rand(2, 1, 28, 28), "float images all in [0, 1], as torchvision's ToTensor"),  # used to give wrong classes
     (torch.zeros(2, 1, 28, 28, dtype=torch.int64), "dtype torch.int64"),
     ([1, 2], "a list holds file paths or PIL images"),
     ([], "no images given"),

@@ -89,22 +89,28 @@ def test_yaml_config_and_flag_precedence(tmp_path):
     assert config.formulation == "two-head" and config.num_labels == "50" and config.lr == 0.01
 
 
-def test_home_in_paths_is_expanded_where_no_shell_does(tmp_path, monkeypatch):
+def test_home_in_paths_is_expanded_where_no_shell_does(tmp_path, monkeypatch, mnist_root):
     """folder:~/x, --output-dir=~/runs and ~ in a YAML file reach sgan unexpanded; it made a literal ./~ folder."""
+    import yaml
+
     from sgan.data import open_source
+    from sgan.train import train
 
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert parse_config(["--output-dir=~/runs/a"]).output_dir == str(tmp_path / "runs" / "a")
-    (tmp_path / "runs").mkdir()
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    train(parse_config(["--output-dir=~/runs/a", "--recipe", "supervised", "--max-steps", "1", "--tracker", "none",
+                        "--cpu", "--batch-size", "20", "--data-root", str(mnist_root)]))
+    saved = yaml.safe_load((tmp_path / "runs" / "a" / "config.yaml").read_text())
+    assert saved["output_dir"] == str(tmp_path / "runs" / "a")  # config.yaml records where the run is
     np = pytest.importorskip("numpy")
     np.savez(tmp_path / "x.npz", x_labeled=np.zeros((2, 1, 8, 8), np.uint8), y_labeled=np.array([0, 1]),
              x_unlabeled=np.zeros((0, 1, 8, 8), np.uint8))
     assert len(open_source("npz:~/x.npz").labeled) == 2
     with pytest.raises(ValueError, match=str(tmp_path / "nowhere")):  # the message names the expanded path
         open_source("folder:~/nowhere")
-    monkeypatch.chdir(tmp_path / "runs")
     assert len(open_source("mnist", "~/data").test) == 10000  # prepared into ~/data
-    assert (tmp_path / "data" / "MNIST").is_dir() and not (tmp_path / "runs" / "~").exists()
+    assert (tmp_path / "data" / "MNIST").is_dir() and not (tmp_path / "cwd" / "~").exists()
 
 
 @pytest.mark.parametrize("real_rows", ["all", "unlabeled"])
