@@ -10,9 +10,9 @@ Two studies (python -m sgan.study), STUDY_DIR/salimans and STUDY_DIR/supervised;
 resumes them (finished runs are skipped). Each study writes results.md, results.json and a plot; then
 `benchmarks/training.py time-to-accuracy` reads every run, per dataset and label budget, into
 STUDY_DIR/time_to_accuracy_{dataset}_{labels}.json and .png; last, STUDY_DIR/results.md (the two recipes side
-by side, then every run's time to accuracy), results.json and accuracy_vs_labels.png. Every salimans run takes the recipe's own
-defaults (100 epochs: ~34 min alone on 2 CPU cores), so the full plan is 20 salimans runs, about 11 hours
-here; --jobs 2 runs two at a time with one thread each.
+by side, then every run's time to accuracy), results.json and accuracy_vs_labels.png. Every salimans run takes
+the recipe's own defaults (100 epochs: ~34 min alone on 2 CPU cores), so the full plan is 20 salimans runs,
+about 11 hours here; --jobs 2 runs two at a time with one thread each.
 """
 from __future__ import annotations
 

@@ -150,14 +150,13 @@ def time_to_accuracy(args) -> dict:
         summary[label] = {}
         for target in args.targets:
             hits = [r["reached"][str(target)] for r in mine if r["reached"][str(target)] is not None]
-            summary[label][str(target)] = {
+            entry = summary[label][str(target)] = {
                 "runs_reaching": len(hits), "runs": len(mine),
                 "median_wall_seconds": statistics.median(h["wall_seconds"] for h in hits) if hits else None,
                 "median_epoch": statistics.median(h["epoch"] for h in hits) if hits else None}
             if hits:
                 print(f"{label}, {target:.0%}: reached by {len(hits)}/{len(mine)} runs, median "
-                      f"{summary[label][str(target)]['median_wall_seconds'] / 60:.1f} min "
-                      f"(epoch {summary[label][str(target)]['median_epoch']:g})")
+                      f"{entry['median_wall_seconds'] / 60:.1f} min (epoch {entry['median_epoch']:g})")
             else:
                 print(f"{label}, {target:.0%}: reached by none of the {len(mine)} runs")
     if args.plot:

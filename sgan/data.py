@@ -97,6 +97,11 @@ def default_root() -> Path:
     return Path(os.environ.get("SGAN_DATA_ROOT", "data")).expanduser()
 
 
+def resolve_root(root: Path | str | None) -> Path:
+    """The data root: `root` (~ expanded: a YAML file or --root=~/x reach here unexpanded), else default_root()."""
+    return Path(root).expanduser() if root is not None else default_root()
+
+
 def dataset_info(name: str) -> DatasetInfo:
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
@@ -471,7 +476,7 @@ def download_files(root: Path, info: DatasetInfo) -> None:
 def prepare(name: str, root: Path | str | None = None, source: str = "auto", quiet: bool = False) -> Path:
     """Make the dataset's files exist and validate them; return the root. Idempotent."""
     info = dataset_info(name)
-    root = Path(root).expanduser() if root is not None else default_root()  # ~ from a YAML file or --root=~/x
+    root = resolve_root(root)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     if source not in ("auto", "offline", "torchvision"):
         raise ValueError(f"unknown source {source!r}: choose auto, offline or torchvision")
@@ -512,7 +517,7 @@ def read_builtin_split(name: str, train: bool, root: Path | str | None = None) -
     MNIST and Fashion-MNIST through torchvision's dataset class after checking the IDX files; CIFAR-10 and
     SVHN read and checked here. Prepares the dataset on first use."""
     info = dataset_info(name)
-    root = Path(root).expanduser() if root is not None else default_root()  # ~ from a YAML file or --root=~/x
+    root = resolve_root(root)
     prepared = is_prepared(root, info)
     if not prepared:
         print(f"sgan.data: {name} is not prepared under {root} yet; preparing it now (first use)", flush=True)
@@ -662,10 +667,20 @@ SOURCE_KINDS = ("folder:", "npz:")  # your own images: folder:PATH, npz:FILE
 ARRAYS = "arrays"  # the name of images given from Python (sgan.images.from_arrays), as a run's config.yaml records it
 
 
+def own_images_path(spec: str) -> tuple[str, str] | None:
+    """("folder" or "npz", the path) of folder:PATH or npz:FILE, with ~ expanded (no shell expands it there);
+    None for any other spec."""
+    for kind in SOURCE_KINDS:
+        if spec.startswith(kind):
+            return kind.rstrip(":"), os.path.expanduser(spec[len(kind):])
+    return None
+
+
 def check_dataset(spec: str) -> None:
     """A built-in dataset's name, folder:PATH, npz:FILE, or a run's record of arrays given from Python (which
     open_source refuses with its own message); else a ValueError that lists what is accepted."""
-    if spec in DATASETS or spec == ARRAYS or any(spec.startswith(kind) and spec[len(kind):].strip() for kind in SOURCE_KINDS):
+    own = own_images_path(spec)
+    if spec in DATASETS or spec == ARRAYS or (own is not None and own[1].strip()):
         return
     raise ValueError(f"--dataset {spec!r}: use a built-in dataset ({', '.join(DATASETS)}), folder:PATH (a folder "
                      "with labeled/<class>/ and optionally unlabeled/, val/<class>/, test/<class>/) or npz:FILE")
@@ -682,18 +697,16 @@ def open_source(spec: str, root: Path | str | None = None, image_size: int | Non
     from .images import ImageSource, Split, open_folder, open_npz
 
     check_dataset(spec)
-    for kind in SOURCE_KINDS:  # no shell expands the ~ of folder:~/photos
-        if spec.startswith(kind):
-            spec = kind + os.path.expanduser(spec[len(kind):])
     if spec == ARRAYS:
         raise ValueError("dataset 'arrays' records that a run's images were given from Python "
                          "(sgan.images.from_arrays); they cannot be opened again: pass them again with "
                          "sgan.train.train(config, source), or save them with numpy.savez and use --dataset npz:FILE")
-    if spec.startswith("folder:"):
-        return open_folder(spec[len("folder:"):], image_size or DEFAULT_IMAGE_SIZE, channels,
-                           skip_bad_images=skip_bad_images)
-    if spec.startswith("npz:"):
-        return open_npz(spec[len("npz:"):], image_size, channels)
+    own = own_images_path(spec)
+    if own is not None:
+        kind, path = own
+        if kind == "folder":
+            return open_folder(path, image_size or DEFAULT_IMAGE_SIZE, channels, skip_bad_images=skip_bad_images)
+        return open_npz(path, image_size, channels)
     info = dataset_info(spec)
     if image_size not in (None, info.image_size) or channels not in (None, info.channels):
         raise ValueError(f"--image-size and --channels are for your own images; {spec} is "

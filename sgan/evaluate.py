@@ -23,7 +23,8 @@ import torch
 
 from .checkpoints import STATE_FILE
 from .config import TrainConfig, load_yaml_config
-from .data import DATASETS, DEFAULT_IMAGE_SIZE, DataError, as_tensor, is_builtin, open_source, to_model_scale
+from .data import (DATASETS, DEFAULT_IMAGE_SIZE, DataError, as_tensor, is_builtin, open_source, own_images_path,
+                   to_model_scale)
 from .images import ImageError, Split
 from .losses import class_logits
 from .models import build_discriminator, build_generator
@@ -109,12 +110,14 @@ def unreadable_weights(file: Path, error: Exception) -> EvaluationError:
                            "corrupt or not safetensors: evaluate another checkpoint, or retrain")
 
 
-def recorded(file: Path, key: str, default=None):
-    """A value a run's JSON file records, or default: the weights loaded fine, so a missing note is no failure."""
+def recorded(file: Path) -> dict:
+    """What a run's JSON file records, or {} when it is missing or unreadable: the weights loaded fine, so a
+    missing note is no failure."""
     try:
-        return json.loads(file.read_text())[key]
-    except (OSError, ValueError, KeyError, TypeError):
-        return default
+        values = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return values if isinstance(values, dict) else {}
 
 
 def read_json(file: Path, what: str):
@@ -335,10 +338,10 @@ def open_scored_images(config: TrainConfig, record: Record, dataset: str | None,
     images is those images (labeled_indices.json in run_dir records them)."""
     root = data_root or config.data_root
     if dataset is None:
-        kind, _, where = record.dataset.partition(":")
-        if kind in ("folder", "npz") and not Path(where).expanduser().exists():
+        own = own_images_path(record.dataset)
+        if own is not None and not Path(own[1]).exists():
             raise EvaluationError(f"the run trained on {record.dataset}, which is not there any more: if the images "
-                                  f"moved, pass --dataset {kind}:NEW_PATH")
+                                  f"moved, pass --dataset {own[0]}:NEW_PATH")
         images = open_source(record.dataset, root, config.image_size, config.channels, config.skip_bad_images)
     elif is_builtin(dataset):
         info = DATASETS[dataset]
@@ -380,18 +383,19 @@ def evaluate(path: Path, out: Path | None = None, data_root: str | None = None, 
     matrix = confusion_matrix(discriminator, as_tensor(scored.images),
                               torch.from_numpy(np.asarray(scored.labels)), config.formulation, len(class_names),
                               batch_size, torch_device)
-    num_labels = recorded(source.config_file.parent / "labeled_indices.json", "num_labels", config.num_labels)
+    num_labels = recorded(source.config_file.parent / "labeled_indices.json").get("num_labels", config.num_labels)
     result = {"source": str(source.path), "kind": source.kind, "config": str(source.config_file),
               "weights": str(source.discriminator_file), "dataset": config.dataset, "recipe": config.recipe,
               "formulation": config.formulation, "num_labels": num_labels,  # the count, where the flag says auto
               "seed": config.seed, "scored_on": images.name, "split": split, **summarize(matrix, class_names)}
     # the step of the weights (a run's evaluation.json is not mistaken for a later one's after --resume)
     if source.kind == "checkpoint":
-        result["step"] = recorded(source.path / STATE_FILE, "step")
+        result["step"] = recorded(source.path / STATE_FILE).get("step")
     else:
-        result["step"] = recorded(source.path / "metrics.json", "steps")
+        metrics = recorded(source.path / "metrics.json")
+        result["step"] = metrics.get("steps")
         if dataset is None and split == "test":  # what training reported for the same weights and images
-            result["reported_test_accuracy"] = recorded(source.path / "metrics.json", "test_accuracy")
+            result["reported_test_accuracy"] = metrics.get("test_accuracy")
 
     out = Path(out) if out is not None else source.path
     out.mkdir(parents=True, exist_ok=True)
