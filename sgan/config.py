@@ -231,9 +231,12 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+LAUNCHED_AS = "accelerate launch launch/train.py"  # how the usage line names the command
+
+
+def build_parser(prog: str = LAUNCHED_AS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="accelerate launch launch/train.py",
+        prog=prog,
         description="Train a semi-supervised GAN (or the supervised baseline) and evaluate it on the test set.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -301,9 +304,9 @@ def _typed_yaml_value(f: dataclasses.Field, value, path: str):
                      f"{' (or null)' if 'None' in f.type else ''}")
 
 
-def parse_config(argv: list[str] | None = None) -> TrainConfig:
+def parse_config(argv: list[str] | None = None, prog: str = LAUNCHED_AS) -> TrainConfig:
     """Flags (and an optional YAML file) -> a validated TrainConfig. Exits with a usage message on errors."""
-    parser = build_parser()
+    parser = build_parser(prog)
     given = sys.argv[1:] if argv is None else argv
     for (name, old), new in RENAMED.items():  # before argparse, which would only say "invalid choice"
         if [_flag(name), old] in [given[i:i + 2] for i in range(len(given))] or f"{_flag(name)}={old}" in given:

@@ -30,7 +30,7 @@ import yaml
 
 from . import batches, checkpoints, ops
 from .batches import StepBatches
-from .config import TrainConfig, parse_config
+from .config import LAUNCHED_AS, TrainConfig, parse_config
 from .data import DataError, as_tensor, is_builtin, open_source, parse_num_labels, split_labeled_pool, to_model_scale
 from .images import ImageError, ImageSource
 from .losses import class_logits
@@ -662,8 +662,8 @@ def inject_failure(step: int, rank: int) -> None:
         raise RuntimeError(f"injected failure on rank {rank} at step {step} (SGAN_INJECT_FAILURE={spec})")
 
 
-def main(argv: list[str] | None = None) -> int:
-    config = parse_config(argv)
+def main(argv: list[str] | None = None, prog: str = LAUNCHED_AS) -> int:
+    config = parse_config(argv, prog)
     try:
         metrics = train(config)
     except KeyboardInterrupt as stopped:  # a signal while the run set up (in the loop, a signal checkpoints instead)
@@ -687,4 +687,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m sgan.train"))

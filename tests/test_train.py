@@ -184,6 +184,18 @@ def test_bad_flags_exit_with_a_message(flags, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command, usage", [
+    (["launch/train.py"], "usage: accelerate launch launch/train.py"),
+    (["-m", "sgan.train"], "usage: python -m sgan.train"),
+])
+def test_a_usage_error_names_the_command_that_was_run(command, usage):
+    """`python -m sgan.train` used to answer with the launcher's name, a command the user had not typed."""
+    done = subprocess.run([sys.executable, *command, "--epochs", "0"], capture_output=True, text=True,
+                          cwd=REPO)
+    assert done.returncode == 2
+    assert done.stderr.startswith(usage)
+
+
 def test_bad_yaml_values_are_rejected(tmp_path, capsys):
     for text, message in (("formulation: softmax\n", "is not one of"), ("learning_rate: 1\n", "unknown keys"),
                           ("- a\n- b\n", "mapping")):
