@@ -408,16 +408,32 @@ def continue_how(output_dir: Path, world_size: int, from_python: bool) -> str:
     return f"Continue with {continue_flags(output_dir)}{launch}"
 
 
+def holds_run(output_dir: Path) -> bool:
+    """Whether output_dir holds an sgan run: a file only a run writes (config.yaml and the rest are common names)."""
+    return ((output_dir / "labeled_indices.json").is_file() or (output_dir / "metrics.json").is_file()
+            or bool(checkpoints.complete_checkpoints(output_dir)))
+
+
 def claim_output_dir(config: TrainConfig, output_dir: Path, accelerator) -> None:
     """--output-dir must be a writable folder (made if missing) that holds no other run, unless the run resumes
-    it (--resume) or replaces it (--overwrite deletes the old run's outputs, and nothing else)."""
+    it (--resume) or replaces it (--overwrite deletes the old run's outputs, and nothing else). Files of a
+    run's names that no run wrote (a user's model/ or config.yaml, the sgan/ package) are never deleted."""
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"--output-dir {output_dir} is a file, not a folder: choose another --output-dir")
     found = [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
+    if found and not holds_run(output_dir):
+        raise ValueError(f"--output-dir {output_dir} holds {', '.join(found)}, which no sgan run wrote (it has no "
+                         "labeled_indices.json, metrics.json or checkpoint): a run would write over them; choose "
+                         "a new or empty --output-dir")
     if found and not config.resume and not config.overwrite:
         raise ValueError(f"--output-dir {output_dir} holds a run already ({', '.join(found)}): continue it with "
                          "--resume latest, start it again with --overwrite (deletes its checkpoints and outputs), "
                          "or choose another --output-dir")
+    if found and config.resume not in (None, "latest") and \
+            checkpoints.checkpoints_root(output_dir).resolve() not in Path(config.resume).expanduser().resolve().parents:
+        raise ValueError(f"--resume {config.resume} is a checkpoint of another run, and --output-dir {output_dir} "
+                         "holds a run of its own, which continuing there would overwrite: continue it in a new "
+                         "--output-dir (its own folder, or a new one for a branch of it)")
     if not accelerator.is_main_process:
         return
     try:

@@ -304,6 +304,42 @@ def test_a_new_run_into_a_run_folder_is_refused_or_overwritten(tmp_path, mnist_r
     assert (out / "notes.txt").read_text() == "mine"  # only a run's own outputs are deleted
 
 
+def test_files_of_a_runs_names_that_no_run_wrote_are_never_deleted(tmp_path, mnist_root, capsys):
+    """A user's model/ and config.yaml (or the sgan/ package, with --output-dir . in the repo) made the folder
+    "a run already", and --overwrite, which the message suggested, deleted them."""
+    out = tmp_path / "project"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "mine.bin").write_text("mine")
+    (out / "config.yaml").write_text("replicas: 3\n")
+    for extra in ([], ["--overwrite"], ["--resume", "latest"]):
+        assert main(flags(out, mnist_root, "--max-steps", "1", "--recipe", "supervised", *extra)) == 1
+        err = capsys.readouterr().err
+        assert "model, config.yaml, which no sgan run wrote" in err and "new or empty --output-dir" in err
+        assert "--overwrite" not in err
+    assert (out / "model" / "mine.bin").read_text() == "mine" and (out / "config.yaml").read_text() == "replicas: 3\n"
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model"]
+
+
+def test_resuming_another_runs_checkpoint_into_a_run_folder_is_refused(tmp_path, checkpointed, mnist_root, capsys):
+    """--resume PATH with --output-dir of another finished run wrote over its weights and metrics and pruned
+    its checkpoints; into a new folder it branches the run, and a run's own checkpoint by path resumes it."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(checkpointed, other)
+    before = {p.relative_to(other): p.read_bytes() for p in other.rglob("*") if p.is_file()}
+    step = checkpointed / "checkpoints" / "step_00000002"
+    assert main(flags(other, mnist_root, "--max-steps", "4", "--recipe", "supervised", "--resume", step)) == 1
+    assert "is a checkpoint of another run" in capsys.readouterr().err
+    assert {p.relative_to(other): p.read_bytes() for p in other.rglob("*") if p.is_file()} == before
+    branch = train(parse_config(flags(tmp_path / "branch", mnist_root, "--max-steps", "4", "--recipe", "supervised",
+                                      "--resume", step)))
+    assert branch["steps"] == 4 and branch["resumed_from"] == str(step)
+    own = other / "checkpoints" / "step_00000002"
+    assert train(parse_config(flags(other, mnist_root, "--max-steps", "4", "--recipe", "supervised", "--resume",
+                                    own)))["steps"] == 4
+
+
 def test_an_output_dir_that_is_a_file_or_unwritable_is_a_message(tmp_path, mnist_root, capsys):
     (tmp_path / "file").write_text("x")
     assert main(flags(tmp_path / "file", mnist_root, "--max-steps", "1")) == 1
