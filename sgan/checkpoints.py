@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .data import absolute_spec
+
 STATE_FILE = "trainer_state.json"
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt or from a different run; the message says which and what to do."""
@@ -95,6 +97,8 @@ def read_state(path: Path, expected_fingerprint: dict, defaults: dict | None = N
         raise CorruptCheckpoint(f"{path / STATE_FILE}: corrupt trainer state ({error}); resume from another "
                               "checkpoint or start again") from error
     theirs = {**(defaults or {}), **theirs}
+    if isinstance(theirs.get("dataset"), str):  # runs before absolute_spec recorded folder:PATH as typed
+        theirs["dataset"] = absolute_spec(theirs["dataset"])
     differences = [f"{key}: checkpoint {theirs.get(key)!r}, this run {value!r}"
                    for key, value in expected_fingerprint.items() if theirs.get(key) != value]
     if differences:

@@ -676,6 +676,13 @@ def own_images_path(spec: str) -> tuple[str, str] | None:
     return None
 
 
+def absolute_spec(spec: str) -> str:
+    """folder:PATH or npz:FILE with an absolute path (what a run records: a relative one named another folder
+    from another working directory); any other spec as it is."""
+    own = own_images_path(spec)
+    return spec if own is None or not own[1].strip() else f"{own[0]}:{os.path.abspath(own[1])}"
+
+
 def check_dataset(spec: str) -> None:
     """A built-in dataset's name, folder:PATH, npz:FILE, or a run's record of arrays given from Python (which
     open_source refuses with its own message); else a ValueError that lists what is accepted."""

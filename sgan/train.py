@@ -31,7 +31,8 @@ import yaml
 from . import batches, checkpoints, ops
 from .batches import StepBatches
 from .config import LAUNCHED_AS, TrainConfig, parse_config
-from .data import DataError, as_tensor, is_builtin, open_source, parse_num_labels, split_labeled_pool, to_model_scale
+from .data import (DataError, absolute_spec, as_tensor, is_builtin, open_source, parse_num_labels, split_labeled_pool,
+                   to_model_scale)
 from .images import ImageError, ImageSource
 from .losses import class_logits
 from .models import build_discriminator, build_generator, check_feature_layer
@@ -53,7 +54,8 @@ def train(config: TrainConfig, source: ImageSource | None = None) -> dict:
     with StopRequest() as stop:  # until stop.arm(), a signal ends the run at once: nothing of it is written yet
         if source is not None:  # config.yaml records what the run trained on, not --dataset's unused default
             config = replace(config, dataset=source.name)
-        config = replace(config, output_dir=os.path.expanduser(config.output_dir))  # --output-dir=~/runs: no shell
+        config = replace(config, output_dir=os.path.expanduser(config.output_dir),  # --output-dir=~/runs: no shell
+                         dataset=absolute_spec(config.dataset))  # the same folder from any directory
         config.validate()
         output_dir = Path(config.output_dir)
         accelerator = build_accelerator(config, output_dir)
@@ -429,8 +431,9 @@ def claim_output_dir(config: TrainConfig, output_dir: Path, accelerator) -> None
         raise ValueError(f"--output-dir {output_dir} holds a run already ({', '.join(found)}): continue it with "
                          "--resume latest, start it again with --overwrite (deletes its checkpoints and outputs), "
                          "or choose another --output-dir")
+    own_checkpoints = checkpoints.checkpoints_root(output_dir).resolve()
     if found and config.resume not in (None, "latest") and \
-            checkpoints.checkpoints_root(output_dir).resolve() not in Path(config.resume).expanduser().resolve().parents:
+            own_checkpoints not in Path(config.resume).expanduser().resolve().parents:
         raise ValueError(f"--resume {config.resume} is a checkpoint of another run, and --output-dir {output_dir} "
                          "holds a run of its own, which continuing there would overwrite: continue it in a new "
                          "--output-dir (its own folder, or a new one for a branch of it)")

@@ -217,3 +217,32 @@ def test_evaluating_a_run_whose_images_moved_says_to_point_at_them(tmp_path, fol
     assert "which is not there any more: if the images moved, pass --dataset folder:NEW_PATH" in capsys.readouterr().err
     assert evaluate_main([str(out), "--cpu", "--dataset", f"folder:{tmp_path / 'moved'}", "--out",
                           str(tmp_path / "e")]) == 0
+
+
+def test_a_relative_folder_is_recorded_as_the_folder_it_named(tmp_path, folder, monkeypatch):
+    """config.yaml recorded folder:photos as typed, so evaluating or resuming from another directory silently
+    used whatever photos/ was there."""
+    import shutil
+
+    from sgan.evaluate import main as evaluate_main
+
+    (tmp_path / "here").mkdir()
+    shutil.copytree(folder, tmp_path / "here" / "photos")
+    monkeypatch.chdir(tmp_path / "here")
+    out = tmp_path / "run"
+    assert main(flags(out, "--dataset", "folder:photos", "--image-size", "32", "--max-steps", "2", "--recipe",
+                      "supervised")) == 0
+    recorded = f"folder:{tmp_path / 'here' / 'photos'}"
+    assert yaml.safe_load((out / "config.yaml").read_text())["dataset"] == recorded
+    (tmp_path / "there" / "photos").mkdir(parents=True)  # another photos/, with one class: no run's images
+    monkeypatch.chdir(tmp_path / "there")
+    assert evaluate_main([str(out), "--cpu", "--out", str(tmp_path / "e")]) == 0
+    assert json.loads((tmp_path / "e" / "evaluation.json").read_text())["num_images"] == 18  # the run's own test
+    assert main(flags(out, "--config", out / "config.yaml", "--max-steps", "3", "--resume", "latest")) == 0
+    for state_file in (out / "checkpoints").glob("step_*/trainer_state.json"):  # as runs before this recorded it
+        state = json.loads(state_file.read_text())
+        state["fingerprint"]["dataset"] = "folder:photos"
+        state_file.write_text(json.dumps(state))
+    monkeypatch.chdir(tmp_path / "here")  # from the directory it ran in, an old run resumes as before
+    assert main(flags(out, "--dataset", "folder:photos", "--image-size", "32", "--recipe", "supervised",
+                      "--max-steps", "4", "--resume", "latest")) == 0
