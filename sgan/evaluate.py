@@ -120,12 +120,42 @@ def recorded(file: Path) -> dict:
     return values if isinstance(values, dict) else {}
 
 
-def read_json(file: Path, what: str):
+def number(value):
+    """A number a run's JSON file records, or None for anything else (an edited file is no crash)."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def read_json(file: Path, what: str) -> dict:
+    """A run's JSON file, which sgan writes as an object; anything else is a damaged file."""
     try:
-        return json.loads(file.read_text())
+        values = json.loads(file.read_text())
     except (OSError, ValueError) as error:
         raise EvaluationError(f"{file}: cannot read {what} ({error}); the run's files are incomplete or damaged: "
                               "evaluate another checkpoint, or the finished run") from error
+    if not isinstance(values, dict):
+        raise EvaluationError(f"{file}: holds a JSON {type(values).__name__}, not the object sgan writes, so "
+                              f"{what} is damaged: evaluate another checkpoint, or the finished run")
+    return values
+
+
+def checked_record(file: Path, dataset, class_names, image_shape, settings) -> Record:
+    """A Record of what `file` says, each part of the type sgan writes: an edited record is an error, never
+    classes named by numbers or a crash further on."""
+    problem = None
+    if not isinstance(dataset, str):
+        problem = f"dataset {dataset!r} is not a dataset name"
+    elif not isinstance(class_names, list) or len(class_names) < 2 or len(set(map(str, class_names))) < \
+            len(class_names) or not all(isinstance(name, str) and name for name in class_names):
+        problem = f"class_names {class_names!r} are not two or more different names"
+    elif not isinstance(image_shape, list) or len(image_shape) != 3 or \
+            not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in image_shape):
+        problem = f"image_shape {image_shape!r} is not (channels, height, width)"
+    elif not isinstance(settings, dict):
+        problem = f"the settings {settings!r} are not a mapping"
+    if problem:
+        raise EvaluationError(f"{file}: its record of the training is damaged ({problem}): evaluate another "
+                              "checkpoint of the run, or retrain")
+    return Record(file, dataset, tuple(class_names), tuple(image_shape), settings)
 
 
 def shape_from_settings(dataset: str, image_size: int | None, channels: int | None):
@@ -146,18 +176,23 @@ def read_record(source: Source, config: TrainConfig) -> Record:
         if not state_file.is_file():
             raise EvaluationError(f"{state_file}: missing, so the checkpoint is incomplete (it is written last); "
                                   "evaluate another checkpoint")
-        settings = read_json(state_file, "the trainer state").get("fingerprint") or {}
-        dataset = settings.get("dataset", config.dataset)
+        state = read_json(state_file, "the trainer state")
+        settings = state.get("fingerprint") or {}
+        dataset = settings.get("dataset", config.dataset) if isinstance(settings, dict) else None
         run_dir = source.config_file.parent
-        class_names = read_json(run_dir / "labeled_indices.json", "the run's class names")["class_names"]
-        shape = shape_from_settings(dataset, settings.get("image_size"), settings.get("channels"))
+        class_names, shape = state.get("class_names"), state.get("image_shape")
+        if class_names is None:  # checkpoints before 29fa67a: the run's labeled_indices.json has them
+            class_names = read_json(run_dir / "labeled_indices.json", "the run's class names").get("class_names")
+        if shape is None and isinstance(settings, dict) and isinstance(dataset, str):
+            shape = shape_from_settings(dataset, settings.get("image_size"), settings.get("channels"))
         if shape is None and (run_dir / "metrics.json").is_file():  # the whole run has one shape
             shape = read_json(run_dir / "metrics.json", "the run's metrics").get("image_shape")
         if shape is None:
             raise EvaluationError(f"{source.path}: its run chose the channels from the images (--channels auto) "
                                   "and has not finished, so nothing records the image shape; evaluate the finished "
                                   "run, or rerun with --channels 1 or 3")
-        return Record(state_file, dataset, tuple(class_names), tuple(shape), settings)
+        return checked_record(state_file, dataset, class_names, list(shape) if isinstance(shape, tuple) else shape,
+                              settings)
     from safetensors import safe_open
 
     try:
@@ -172,8 +207,8 @@ def read_record(source: Source, config: TrainConfig) -> Record:
         info = DATASETS[config.dataset]
         return Record(source.config_file, config.dataset, info.class_names, info.image_shape, {})
     try:
-        return Record(source.discriminator_file, about["dataset"], tuple(json.loads(about["class_names"])),
-                      tuple(json.loads(about["image_shape"])), json.loads(about["sgan_config"]))
+        return checked_record(source.discriminator_file, about["dataset"], json.loads(about["class_names"]),
+                              json.loads(about["image_shape"]), json.loads(about["sgan_config"]))
     except (KeyError, ValueError) as error:
         raise EvaluationError(f"{source.discriminator_file}: its record of the training ({error}) is damaged: "
                               "evaluate a checkpoint of the run, or retrain") from error
@@ -383,19 +418,20 @@ def evaluate(path: Path, out: Path | None = None, data_root: str | None = None, 
     matrix = confusion_matrix(discriminator, as_tensor(scored.images),
                               torch.from_numpy(np.asarray(scored.labels)), config.formulation, len(class_names),
                               batch_size, torch_device)
-    num_labels = recorded(source.config_file.parent / "labeled_indices.json").get("num_labels", config.num_labels)
+    num_labels = number(recorded(source.config_file.parent / "labeled_indices.json").get("num_labels")) \
+        or config.num_labels
     result = {"source": str(source.path), "kind": source.kind, "config": str(source.config_file),
               "weights": str(source.discriminator_file), "dataset": config.dataset, "recipe": config.recipe,
               "formulation": config.formulation, "num_labels": num_labels,  # the count, where the flag says auto
               "seed": config.seed, "scored_on": images.name, "split": split, **summarize(matrix, class_names)}
     # the step of the weights (a run's evaluation.json is not mistaken for a later one's after --resume)
     if source.kind == "checkpoint":
-        result["step"] = recorded(source.path / STATE_FILE).get("step")
+        result["step"] = number(recorded(source.path / STATE_FILE).get("step"))
     else:
         metrics = recorded(source.path / "metrics.json")
-        result["step"] = metrics.get("steps")
+        result["step"] = number(metrics.get("steps"))
         if dataset is None and split == "test":  # what training reported for the same weights and images
-            result["reported_test_accuracy"] = metrics.get("test_accuracy")
+            result["reported_test_accuracy"] = number(metrics.get("test_accuracy"))
 
     out = Path(out) if out is not None else source.path
     out.mkdir(parents=True, exist_ok=True)

@@ -185,6 +185,54 @@ def test_a_checkpoint_is_checked_against_its_own_record(seed_run, mnist_root, tm
     assert not (checkpoint / "evaluation.json").exists()
 
 
+def edit_json(file, change):
+    values = json.loads(file.read_text())
+    file.write_text(json.dumps(change(values)))
+
+
+def without_names(state):
+    return {key: value for key, value in state.items() if key != "class_names"}  # as checkpoints before 29fa67a
+
+
+@pytest.mark.parametrize("damage, name, message", [
+    (lambda run, state: state.write_text("[]"), "trainer_state.json", "holds a JSON list, not the object"),
+    (lambda run, state: edit_json(state, lambda s: {**s, "fingerprint": "x"}), "trainer_state.json", "is damaged"),
+    (lambda run, state: edit_json(state, lambda s: {**s, "class_names": [1, 2]}), "trainer_state.json",
+     "class_names [1, 2] are not two or more different names"),
+    (lambda run, state: edit_json(state, lambda s: {**s, "image_shape": "1x28x28"}), "trainer_state.json",
+     "image_shape '1x28x28' is not"),
+    (lambda run, state: edit_json(state, without_names) or (run / "labeled_indices.json").write_text("[1, 2]"),
+     "labeled_indices.json", "holds a JSON list"),
+    (lambda run, state: edit_json(state, without_names) or edit_json(run / "labeled_indices.json", without_names),
+     "trainer_state.json", "class_names None are not"),
+])
+def test_a_damaged_record_of_a_checkpoint_is_a_message(seed_run, mnist_root, tmp_path, capsys, damage, name, message):
+    """JSON of the wrong shape in a run's files was a TypeError, KeyError or AttributeError traceback."""
+    run = tmp_path / "copy"
+    shutil.copytree(seed_run, run)
+    checkpoint = run / "checkpoints" / "step_00000012"
+    damage(run, checkpoint / "trainer_state.json")
+    assert main([str(checkpoint), "--cpu", "--data-root", str(mnist_root), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and name in err, err
+
+
+def test_a_checkpoint_names_its_classes_from_its_own_state(seed_run, mnist_root, tmp_path):
+    """labeled_indices.json is a note beside the run; a checkpoint's classes are in its own trainer_state.json,
+    so an edited note cannot rename what the classifier predicts."""
+    run = tmp_path / "copy"
+    shutil.copytree(seed_run, run)
+    edit_json(run / "labeled_indices.json", lambda s: {**s, "class_names": s["class_names"][::-1]})
+    edit_json(run / "metrics.json", lambda s: {**s, "test_accuracy": "high", "steps": [12]})
+    assert main([str(run / "checkpoints" / "step_00000012"), "--cpu", "--data-root", str(mnist_root), "--out",
+                 str(tmp_path / "c")]) == 0
+    assert json.loads((tmp_path / "c" / "evaluation.json").read_text())["class_names"] == [str(k) for k in range(10)]
+    assert main([str(run), "--cpu", "--data-root", str(mnist_root), "--out", str(tmp_path / "r")]) == 0
+    evaluated = json.loads((tmp_path / "r" / "evaluation.json").read_text())
+    assert evaluated["step"] is None and "reported_test_accuracy" in evaluated  # no crash on the edited note
+    assert evaluated["reported_test_accuracy"] is None
+
+
 def test_another_source_with_the_same_classes(seed_run, mnist_root, tmp_path):
     import sgan
     from sgan.data import read_builtin_split
