@@ -81,6 +81,10 @@ class Classifier(nn.Module):
             raise ImageError(f"images of dtype {images.dtype}: pass uint8 pixels (0..255) or floats in the "
                              "training scale [-1, 1]")
         images = images.to(self.device, torch.float32)
+        if not images.isfinite().all():  # NaN passes any range test: it would get a class, and NaN probabilities
+            bad = int((~images.isfinite()).flatten(1).any(dim=1).sum())
+            raise ImageError(f"{bad} of the {len(images)} images hold NaN or infinite values: pass finite pixels "
+                             "(uint8 0..255, or floats in [-1, 1])")
         if images.numel() and (images.min() < -1 or images.max() > 1):
             raise ImageError(f"float images range over [{images.min():.3g}, {images.max():.3g}], outside the "
                              "training scale [-1, 1]: pass uint8 pixels, or x / 127.5 - 1 for values in 0..255")
@@ -108,6 +112,8 @@ class Classifier(nn.Module):
     @torch.no_grad()
     def logits(self, images, batch_size: int = 256) -> torch.Tensor:
         """The K class logits [N, K] (float32, on the CPU), computed in eval mode, batch_size images at a time."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: it must be a whole number of images, 1 or more")
         if isinstance(images, (list, tuple)) and len(images) > batch_size:  # decode the files one batch at a time
             return torch.cat([self.logits(images[i:i + batch_size], batch_size)
                               for i in range(0, len(images), batch_size)])

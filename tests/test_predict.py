@@ -240,8 +240,17 @@ def test_float_images_in_the_to_tensor_scale_get_a_warning(run):
     ([1, 2], "a list holds file paths or PIL images"),
     ([], "no images given"),
     ("missing.png", "missing.png: not a readable image"),
+    (torch.zeros(3, 1, 28, 28).index_put_((torch.tensor([1]),), torch.tensor(float("nan"))),
+     "1 of the 3 images hold NaN or infinite values"),  # NaN passed the range check and got a class
+    (torch.full((2, 1, 28, 28), float("-inf")), "2 of the 2 images hold NaN or infinite values"),
 ])
 def test_wrong_inputs_are_refused_with_a_message(run, images, message):
     with pytest.raises(ImageError, match=None) as error:
         sgan.load_classifier(run).predict(images)
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, True])
+def test_a_batch_size_that_is_not_a_count_is_refused(run, batch_size):
+    with pytest.raises(ValueError, match="it must be a whole number of images, 1 or more"):
+        sgan.load_classifier(run).predict(torch.zeros(2, 1, 28, 28, dtype=torch.uint8), batch_size=batch_size)
