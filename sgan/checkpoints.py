@@ -106,6 +106,11 @@ def read_state(path: Path, expected_fingerprint: dict, defaults: dict | None = N
                               "resume with the same flags, or use another --output-dir")
     if step < 0:
         raise CorruptCheckpoint(f"{path / STATE_FILE}: invalid step {step}")
+    history, wall = state.get("history", []), state.get("wall_seconds", 0.0)
+    if not isinstance(history, list) or not all(isinstance(entry, dict) for entry in history) or \
+            not isinstance(wall, (int, float)) or isinstance(wall, bool):  # they failed only after steps had run
+        raise CorruptCheckpoint(f"{path / STATE_FILE}: corrupt trainer state (its history or wall_seconds is not "
+                                "what sgan writes); resume from another checkpoint or start again")
     state["step"] = step
     return state
 

@@ -79,10 +79,11 @@ def train(config: TrainConfig, source: ImageSource | None = None) -> dict:
         nets = build_networks(config, data, accelerator)
         settings = step_settings(config, ops.resolve_backend(config.loss_backend, device))
         progress = resume(config, accelerator, nets, data, schedule)
-        if progress.start_step == schedule.total_steps and (output_dir / "metrics.json").is_file():
+        finished = finished_metrics(output_dir) if progress.start_step == schedule.total_steps else None
+        if finished is not None:
             accelerator.print(f"sgan: the run in {output_dir} has finished its {schedule.total_steps} steps already; "
                               "nothing to do (raise --epochs or --max-steps to train on)")
-            return json.loads((output_dir / "metrics.json").read_text())
+            return finished
 
         if accelerator.is_main_process:
             (output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
@@ -408,6 +409,16 @@ def continue_how(output_dir: Path, world_size: int, from_python: bool) -> str:
         return "Continue with train(replace(config, resume='latest'), source), with the same source"
     launch = f" (launched as before, with {world_size} processes)" if world_size > 1 else ""
     return f"Continue with {continue_flags(output_dir)}{launch}"
+
+
+def finished_metrics(output_dir: Path) -> dict | None:
+    """A finished run's metrics.json; None when it is missing or damaged, so that the run evaluates again and
+    writes it."""
+    try:
+        metrics = json.loads((output_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return metrics if isinstance(metrics, dict) else None
 
 
 def holds_run(output_dir: Path) -> bool:

@@ -70,11 +70,18 @@ def test_corrupt_weights_are_a_clear_error(tmp_path, checkpointed, mnist_root, c
     assert code == 1 and "step_00000002: cannot load the checkpoint" in err
 
 
-def test_corrupt_trainer_state_is_a_clear_error(tmp_path, checkpointed, mnist_root, capsys):
+@pytest.mark.parametrize("edit", [
+    lambda state: "{not json",
+    lambda state: json.dumps({**state, "history": {}}),  # an AttributeError at the first epoch's end
+    lambda state: json.dumps({**state, "history": [1]}),
+    lambda state: json.dumps({**state, "wall_seconds": "x"}),  # a TypeError once steps had run
+])
+def test_corrupt_trainer_state_is_a_clear_error(tmp_path, checkpointed, mnist_root, capsys, edit):
     copy, run = resume_error(tmp_path, checkpointed, mnist_root, capsys)
-    (copy / "checkpoints" / "step_00000002" / "trainer_state.json").write_text("{not json")
+    state_file = copy / "checkpoints" / "step_00000002" / "trainer_state.json"
+    state_file.write_text(edit(json.loads(state_file.read_text())))
     code, err = run()
-    assert code == 1 and "corrupt trainer state" in err
+    assert code == 1 and "corrupt trainer state" in err and "trainer_state.json" in err
 
 
 def test_checkpoint_from_another_configuration_is_refused(tmp_path, checkpointed, mnist_root, capsys):
@@ -365,6 +372,11 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, checkpoin
                                        "latest")))
     assert "has finished its 2 steps already" in capsys.readouterr().out
     assert (copy / "metrics.json").read_text() == written and metrics == json.loads(written)
+    (copy / "metrics.json").write_text("{damaged")  # a JSON error naming no file, before: now written again
+    again = train(parse_config(flags(copy, mnist_root, "--max-steps", "2", "--recipe", "supervised", "--resume",
+                                     "latest")))
+    assert again["steps"] == 2 and again["test_accuracy"] == metrics["test_accuracy"]
+    assert json.loads((copy / "metrics.json").read_text())["test_accuracy"] == metrics["test_accuracy"]
 
 
 def test_sigterm_to_the_launcher_stops_the_training_process_too(tmp_path, mnist_root):

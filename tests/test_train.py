@@ -175,6 +175,9 @@ def test_learning_rate_holds_then_decays_linearly_to_zero():
         (["--recipe", "supervised", "--g-steps", "2"], "the supervised recipe has no G"),
         (["--num-labels", "105"], "not divisible by the 10 classes"),
         (["--config", "/nonexistent.yaml"], "no such file"),
+        (["--ddp-timeout", "100000000000000"], "--ddp-timeout must be in [1, 2592000] seconds"),  # OverflowError
+        (["--seed", str(2**70)], "--seed must be in [0, 2^63)"),  # "Overflow when unpacking long long"
+        (["--seed", "-1"], "--seed must be in [0, 2^63)"),
     ],
 )
 def test_bad_flags_exit_with_a_message(flags, message, capsys):
