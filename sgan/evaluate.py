@@ -347,8 +347,8 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-        torch.empty(0, device=device)  # fails now, with a message, if the device is not usable here
-    except (RuntimeError, AssertionError) as error:
+        torch.zeros(1, device=device).cpu()  # fails now, with a message, if the device is not usable here
+    except (RuntimeError, AssertionError, NotImplementedError) as error:  # NotImplementedError: meta holds no data
         raise EvaluationError(f"--device {name}: not usable here ({error}); use --device cpu") from error
     return device
 

@@ -145,6 +145,14 @@ def test_bad_inputs_fail_with_a_message(seed_run, mnist_root, tmp_path, capsys, 
     assert not (tmp_path / "out" / "evaluation.json").exists()
 
 
+@pytest.mark.parametrize("device", ["meta", "nonsense"])
+def test_a_device_that_cannot_run_the_model_is_a_message(seed_run, mnist_root, tmp_path, capsys, device):
+    """--device meta passed the check (it makes empty tensors) and failed later in a NotImplementedError."""
+    assert main([str(seed_run), "--device", device, "--data-root", str(mnist_root), "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --device {device}: not usable here") and "use --device cpu" in err, err
+
+
 def test_command_line_entry_points(seed_run, mnist_root, tmp_path):
     env_flags = ["--cpu", "--data-root", str(mnist_root)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}  # launch/evaluate.py imports sgan, installed or not
