@@ -182,10 +182,18 @@ def check_cell_flags(cell: Cell, flags: list[str]) -> None:
                          f"{message} (its flags: {shlex.join(flags)})") from None
 
 
+def read_metrics(path: Path) -> dict:
+    """A run's metrics.json; OSError or ValueError when it is missing, not JSON or not a run's record."""
+    metrics = json.loads(path.read_text())
+    if not isinstance(metrics, dict):
+        raise ValueError(f"a JSON {type(metrics).__name__}, not the object a run writes")
+    return metrics
+
+
 def cell_state(directory: Path) -> str:
     """'done' (a readable metrics.json), 'resume' (interrupted after a checkpoint) or 'new'."""
     try:
-        json.loads((directory / "metrics.json").read_text())
+        read_metrics(directory / "metrics.json")
         return "done"
     except (OSError, ValueError):
         pass
@@ -277,7 +285,7 @@ def collect(study_dir: Path) -> list[dict]:
     records = []
     for path in sorted((study_dir / "runs").glob("*/*/labels-*/seed-*/metrics.json")):
         try:
-            metrics = json.loads(path.read_text())
+            metrics = read_metrics(path)
             record = {key: metrics[key] for key in ("dataset", "recipe", "formulation", "num_labels", "seed",
                                                     "test_accuracy", "test_error", "steps", "epochs")}
         except (OSError, ValueError, KeyError) as error:
@@ -517,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue  # not started: the study is stopping
                 ran += 1
                 if code == 0 and state == "done":
-                    error = json.loads((directory / "metrics.json").read_text())["test_error"]
+                    error = read_metrics(directory / "metrics.json")["test_error"]
                     say(f"{prefix}: test error {100 * error:.2f}% ({seconds:.0f} s)")
                 elif stopped_by_signal(code, state):
                     stopped.append(directory)

@@ -15,7 +15,7 @@ from PIL import Image
 from sgan import config as sgan_config
 from sgan.config import parse_config
 from sgan.losses import FORMULATIONS
-from sgan.study import Cell, default_recipe_specs, last_line, main, parse_args, parse_recipes, run_cell
+from sgan.study import Cell, cell_state, default_recipe_specs, last_line, main, parse_args, parse_recipes, run_cell
 from sgan.train import train
 
 from launch_helpers import REPO
@@ -131,6 +131,18 @@ def test_aggregation_math_table_and_plot(tmp_path, capsys):
     with Image.open(plot) as image:
         image.verify()
         assert image.size[0] > image.size[1]  # two datasets side by side
+
+
+def test_a_metrics_json_of_the_wrong_shape_is_skipped_and_run_again(tmp_path, capsys):
+    fake_run(tmp_path, Cell("mnist", "20", "supervised", None, 0), 0.5)
+    wrong = Cell("mnist", "20", "supervised", None, 1).directory(tmp_path)
+    wrong.mkdir(parents=True)
+    (wrong / "metrics.json").write_text("[1]")
+    assert main(["--study-dir", str(tmp_path), "--aggregate-only"]) == 0
+    err = capsys.readouterr().err
+    assert f"skipping {wrong / 'metrics.json'}: unreadable (a JSON list, not the object a run writes)" in err
+    assert "(n=1," in (tmp_path / "results.md").read_text()
+    assert cell_state(wrong) == "new"  # not a finished run: the study runs it again
 
 
 def test_aggregate_only_without_runs_is_an_error(tmp_path, capsys):
