@@ -464,6 +464,10 @@ def parse_args(argv: list[str] | None = None):
             argv[i:i + 2] = [f"--extra={argv[i + 1]}"]
             break
     args = parser.parse_args(argv)
+    existing = next(path for path in (args.study_dir, *args.study_dir.parents) if path.exists())
+    if not existing.is_dir():  # now, not as an error of the first run's thread
+        parser.error(f"--study-dir {args.study_dir}: {existing} is a file, not a folder; give a folder for the "
+                     "runs and results (it is created if missing)")
     if args.aggregate_only:
         return args, [], []
     try:

@@ -165,6 +165,17 @@ def test_a_metrics_json_of_the_wrong_shape_is_skipped_and_run_again(tmp_path, ca
     assert cell_state(wrong) == "new"  # not a finished run: the study runs it again
 
 
+def test_a_study_dir_that_is_a_file_is_refused_up_front(tmp_path, capsys):
+    file = tmp_path / "notes.txt"
+    file.write_text("x")
+    for study_dir, flags in ((file, ["--labels", "mnist=20", "--recipes", "supervised"]),
+                             (file / "study", ["--aggregate-only"])):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--study-dir", str(study_dir), *flags])
+        assert exit_info.value.code == 2
+        assert f"--study-dir {study_dir}: {file} is a file, not a folder" in capsys.readouterr().err
+
+
 def test_aggregate_only_without_runs_is_an_error(tmp_path, capsys):
     assert main(["--study-dir", str(tmp_path), "--aggregate-only"]) == 1
     assert "no finished runs" in capsys.readouterr().err
