@@ -51,6 +51,8 @@ import signal
 import struct
 import time
 import warnings
+import zipfile
+import zlib
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -701,6 +703,8 @@ def open_npz(file, image_size: int | None = None, channels: int | None = None) -
         raise ImageError(f"npz file {where} not found")
     try:
         npz = np.load(where, allow_pickle=False)
+    except zipfile.BadZipFile as error:  # it starts as a zip, but is not a whole one
+        raise _damaged_npz(where, error) from None
     except (OSError, EOFError, ValueError) as error:  # ValueError: neither zip nor .npy (numpy calls it a pickle)
         raise ImageError(f"{where} is not a readable .npz file ({error}): save it with np.savez") from None
     if not isinstance(npz, np.lib.npyio.NpzFile):
@@ -718,10 +722,20 @@ def open_npz(file, image_size: int | None = None, channels: int | None = None) -
         for name in npz.files:
             try:
                 arrays[name] = npz[name]
-            except ValueError as error:  # numpy refuses object arrays when allow_pickle=False
+            except ValueError as error:
+                if "allow_pickle" not in str(error):  # numpy's refusal of an object array names the flag
+                    raise _damaged_npz(where, error, name) from None
                 raise ImageError(f"{where}: {name} holds Python objects (a pickle), refused: save plain numeric "
                                  f"arrays (uint8 images, integer labels, str class names) ({error})") from None
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as error:  # a bad CRC, cut-short data
+                raise _damaged_npz(where, error, name) from None
     return _from_named(arrays, f"npz:{where}", where, image_size, channels)
+
+
+def _damaged_npz(where: str, error: Exception, name: str | None = None) -> ImageError:
+    member = f"{name}: " if name else ""
+    return ImageError(f"{where} is damaged, not a valid .npz ({member}{type(error).__name__}: {error}): it was cut "
+                      "short or corrupted; copy it again, or save it again with np.savez")
 
 
 def from_arrays(x_labeled, y_labeled, x_unlabeled=None, x_val=None, y_val=None, x_test=None, y_test=None,

@@ -3,6 +3,7 @@ its own small images with PIL."""
 import io
 import os
 import struct
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -462,6 +463,32 @@ def test_npz_bad_arrays(tmp_path):
         open_npz(tmp_path / "text.npz")
     with pytest.raises(ImageError, match="not found"):
         open_npz(tmp_path / "missing.npz")
+
+
+def test_a_damaged_npz_says_so_and_is_not_called_a_pickle(tmp_path):
+    x, y = arrays()
+    np.savez(tmp_path / "good.npz", x_labeled=x, y_labeled=y, x_unlabeled=x[:2])
+    whole = (tmp_path / "good.npz").read_bytes()
+    flipped = bytearray(whole)
+    flipped[whole.index(b"\x93NUMPY") + 200] ^= 0xFF  # in x_labeled's pixels: its CRC no longer matches
+    header = io.BytesIO()
+    np.lib.format.write_array(header, x[:3])  # a member holding 3 images under a header that claims 6
+    short = header.getvalue().replace(b"(3, 8, 8, 3)", b"(6, 8, 8, 3)")
+    with zipfile.ZipFile(tmp_path / "short.npz", "w") as npz:
+        npz.writestr("x_labeled.npy", short)
+        for name, array in (("y_labeled", y), ("x_unlabeled", x[:2])):
+            member = io.BytesIO()
+            np.lib.format.write_array(member, array)
+            npz.writestr(f"{name}.npy", member.getvalue())
+    for name, data, why in (("half.npz", whole[:len(whole) // 2], "File is not a zip file"),
+                            ("flipped.npz", bytes(flipped), "x_labeled: BadZipFile: Bad CRC-32"),
+                            ("short.npz", None, "x_labeled: ValueError: EOF")):
+        if data is not None:
+            (tmp_path / name).write_bytes(data)
+        with pytest.raises(ImageError) as error:
+            open_npz(tmp_path / name)
+        assert str(error.value).startswith(f"{tmp_path / name} is damaged, not a valid .npz (")
+        assert why in str(error.value) and "copy it again" in str(error.value) and "pickle" not in str(error.value)
 
 
 def test_from_arrays_takes_tensors_without_copying(tmp_path):
