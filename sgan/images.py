@@ -641,6 +641,8 @@ def _labels(y, name: str, where: str, count: int) -> np.ndarray:
                          "label per image")
     if len(y) and y.min() < 0:
         raise ImageError(f"{where}: {name} holds the negative label {y.min()}: labels are class indices 0..K-1")
+    if len(y) and y.max() > np.iinfo(np.int64).max:  # before the cast to int64, which would wrap it negative
+        raise ImageError(f"{where}: {name} holds label {y.max()}, out of range: labels are class indices 0..K-1")
     return y.astype(np.int64)
 
 
