@@ -678,7 +678,11 @@ def _from_named(arrays: dict, name: str, where: str, image_size, channels) -> Im
         raise ImageError(f"{where}: x_labeled holds no images: give at least one labeled image per class")
     class_names = arrays.get("class_names")
     if class_names is None:
-        class_names = tuple(str(i) for i in range(int(ys["labeled"].max(initial=-1)) + 1))
+        most = int(ys["labeled"].max())
+        if most >= len(ys["labeled"]):  # labels 0..most are that many classes, each needing a labeled image
+            raise ImageError(f"{where}: y_labeled holds label {most}, out of range for {len(ys['labeled'])} labeled "
+                             "images (every class needs one): labels are class indices 0..K-1")
+        class_names = tuple(str(i) for i in range(most + 1))
     else:
         class_names = tuple(str(c) for c in _as_numpy(class_names).reshape(-1))
         if len(set(class_names)) != len(class_names):

@@ -453,6 +453,9 @@ def test_npz_bad_arrays(tmp_path):
     npz_error(tmp_path, "negative label -1", x_labeled=x, y_labeled=y - 1, x_unlabeled=u)
     npz_error(tmp_path, f"y_test holds label {2 ** 64 - 1}, out of range", x_labeled=x, y_labeled=y.astype(np.uint64),
               x_unlabeled=u, x_test=x[:2], y_test=np.array([0, 2 ** 64 - 1], np.uint64))  # not wrapped to -1
+    # without class_names, K = max label + 1: not a million class names to build, then list as missing
+    npz_error(tmp_path, f"y_labeled holds label {10 ** 6}, out of range for 6 labeled images", x_labeled=x,
+              y_labeled=np.append(y[:5], 10 ** 6), x_unlabeled=u)
     npz_error(tmp_path, "y_labeled has no image of class cow", x_labeled=x, y_labeled=y % 2, x_unlabeled=u,
               class_names=np.array(["ant", "bee", "cow"]))
     npz_error(tmp_path, "required arrays missing: x_unlabeled", x_labeled=x, y_labeled=y)
