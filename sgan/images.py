@@ -646,6 +646,17 @@ def _labels(y, name: str, where: str, count: int) -> np.ndarray:
     return y.astype(np.int64)
 
 
+def _class_name(name, where: str) -> str:
+    """One of class_names as text: bytes (an npz's S dtype) are decoded as UTF-8, not shown as "b'cat'"."""
+    if not isinstance(name, bytes):
+        return str(name)
+    try:
+        return name.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ImageError(f"{where}: class name {bytes(name)!r} is not UTF-8 text: store class_names as str, e.g. "
+                         "np.array(['cat', 'dog'])") from None
+
+
 def _resize_arrays(x: np.ndarray, image_size: int, channels: int) -> np.ndarray:
     """NCHW uint8 images fitted to [channels, image_size, image_size] by the same rule as image files."""
     if x.shape[1:] == (channels, image_size, image_size):
@@ -684,7 +695,7 @@ def _from_named(arrays: dict, name: str, where: str, image_size, channels) -> Im
                              "images (every class needs one): labels are class indices 0..K-1")
         class_names = tuple(str(i) for i in range(most + 1))
     else:
-        class_names = tuple(str(c) for c in _as_numpy(class_names).reshape(-1))
+        class_names = tuple(_class_name(c, where) for c in _as_numpy(class_names).reshape(-1))
         if len(set(class_names)) != len(class_names):
             raise ImageError(f"{where}: class_names {class_names} repeat a name: give each class a distinct name")
     for split, y in ys.items():

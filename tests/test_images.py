@@ -432,6 +432,15 @@ def test_npz_resize_and_channels_use_the_folder_rule(tmp_path):
         open_npz(tmp_path / "a.npz")
 
 
+def test_npz_class_names_stored_as_bytes_are_decoded(tmp_path):
+    x, y = arrays()
+    np.savez(tmp_path / "a.npz", x_labeled=x, y_labeled=y, x_unlabeled=x[:0],
+             class_names=np.array([b"ant", b"bee", "cône".encode()]))  # dtype S: bytes
+    assert open_npz(tmp_path / "a.npz").class_names == ("ant", "bee", "cône")
+    npz_error(tmp_path, r"class name b'\\xff' is not UTF-8 text", x_labeled=x, y_labeled=y, x_unlabeled=x[:0],
+              class_names=np.array([b"ant", b"bee", b"\xff"]))
+
+
 def npz_error(tmp_path, match, **arrays_):
     np.savez(tmp_path / "bad.npz", **arrays_)
     with pytest.raises(ImageError, match=match) as error:
