@@ -20,8 +20,9 @@ Decoding (PNG, JPEG, BMP, WebP, GIF's first frame):
   - channels: 1 (grey, ITU-R 601 luma of RGB, as PIL's convert("L")) or 3 (grey copied to R, G and B).
     Default None: 3 if any image has colour, else 1. An image has colour when some pixel of the fitted RGB image
     has R, G and B not all equal, so a grey picture saved as RGB counts as grey.
-  - Images that cannot be decoded (corrupt, truncated, zero bytes, a broken link, or more pixels than
-    PIL.Image.MAX_IMAGE_PIXELS, which is refused from the header, before decoding) are an error naming them;
+  - Images that cannot be decoded (corrupt, truncated, zero bytes, a broken link, not a regular file: a FIFO is
+    never opened, it would wait for a writer; or more pixels than PIL.Image.MAX_IMAGE_PIXELS, which is refused
+    from the header, before decoding) are an error naming them;
     ``skip_bad_images=True`` leaves them out and lists them in ``skipped``.
 
 Cache: a folder is decoded once, in parallel, into one uint8 file per folder and settings, in ``cache_dir``
@@ -48,6 +49,7 @@ import multiprocessing
 import os
 import secrets
 import signal
+import stat
 import struct
 import time
 import warnings
@@ -151,6 +153,9 @@ def _decode_file(task: tuple[str, int | None, int]) -> _Decoded:
     """(path, image_size, channels) -> the fitted pixels; image_size None only reads the header. Never raises."""
     path, image_size, channels = task
     try:
+        problem = _not_a_file(os.stat(path))
+        if problem:
+            return _Decoded(None, False, "", "", problem)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # refuse, don't just warn
             with Image.open(path, formats=PIL_FORMATS) as img:  # checks the pixel count from the header
@@ -307,6 +312,16 @@ def _not_an_image(name: str) -> str | None:
     return None
 
 
+def _not_a_file(info: os.stat_result) -> str | None:
+    """Why a path with this stat cannot be an image file, or None. Checked before any open: opening a FIFO
+    waits for a writer, forever."""
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a folder" if stat.S_ISDIR(info.st_mode) else \
+            "a socket" if stat.S_ISSOCK(info.st_mode) else "a device"
+        return f"{kind}, not a regular file"
+    return "empty file (0 bytes)" if info.st_size == 0 else None
+
+
 def _walk(root: str, top: str, ignored: list, bad: list) -> list[tuple[str, int, int]]:
     """The image files below root/top, any depth, symlinks followed: sorted (rel, size, mtime_ns)."""
     def unreadable(error: OSError):
@@ -338,20 +353,21 @@ def _walk(root: str, top: str, ignored: list, bad: list) -> list[tuple[str, int,
                 ignored.append((rel, reason))
                 continue
             try:
-                stat = os.stat(os.path.join(root, rel))
+                info = os.stat(os.path.join(root, rel))
             except OSError as error:
                 bad.append((rel, f"cannot open: {error.strerror} (a broken link?)"))
                 continue
-            if stat.st_size == 0:
-                bad.append((rel, "empty file (0 bytes)"))
+            problem = _not_a_file(info)
+            if problem:
+                bad.append((rel, problem))
             else:
-                found.append((rel, stat.st_size, stat.st_mtime_ns))
+                found.append((rel, info.st_size, info.st_mtime_ns))
     return sorted(found)
 
 
 def _folder_id(path: str) -> tuple[int, int]:
-    stat = os.stat(path)
-    return stat.st_dev, stat.st_ino
+    info = os.stat(path)
+    return info.st_dev, info.st_ino
 
 
 def _class_folders(root: str, split: str, ignored: list) -> list[str]:

@@ -289,6 +289,15 @@ def test_zero_byte_file_is_a_bad_image(tmp_path):
     assert len(open_test_folder(root, skip_bad_images=True).labeled) == 5
 
 
+def test_a_fifo_is_a_bad_image_never_opened(tmp_path):
+    root = make_folder(tmp_path / "d")
+    os.mkfifo(root / "labeled" / "dog" / "pipe.png")  # opening it would wait for a writer
+    with pytest.raises(ImageError, match=r"labeled/dog/pipe\.png is not a readable image \(a FIFO, not a regular "
+                                         r"file\)"):
+        open_test_folder(root)
+    assert len(open_test_folder(root, skip_bad_images=True).labeled) == 5
+
+
 def png_claiming_size(side: int) -> bytes:
     """A tiny PNG whose header claims side x side pixels (its data is a 1x1 image's)."""
     buffer = io.BytesIO()
