@@ -72,7 +72,10 @@ def export(run, output, device: str = "cpu") -> dict:
     metadata = about(classifier)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    torch.export.save(program, output, extra_files={METADATA: json.dumps(metadata)})
+    # opened here: a folder or an unwritable path is then an OSError naming it, as in sgan.predict, not
+    # torch's RuntimeError from its own writer
+    with open(output, "wb") as file:
+        torch.export.save(program, file, extra_files={METADATA: json.dumps(metadata)})
 
     # the file, read back, must give the classifier's logits (a batch size other than the example's)
     images = torch.randint(0, 256, (3, *classifier.image_shape), dtype=torch.uint8,

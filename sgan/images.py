@@ -20,8 +20,9 @@ Decoding (PNG, JPEG, BMP, WebP, GIF's first frame):
   - channels: 1 (grey, ITU-R 601 luma of RGB, as PIL's convert("L")) or 3 (grey copied to R, G and B).
     Default None: 3 if any image has colour, else 1. An image has colour when some pixel of the fitted RGB image
     has R, G and B not all equal, so a grey picture saved as RGB counts as grey.
-  - Images that cannot be decoded (corrupt, truncated, zero bytes, a broken link, or more pixels than
-    PIL.Image.MAX_IMAGE_PIXELS, which is refused from the header, before decoding) are an error naming them;
+  - Images that cannot be decoded (corrupt, truncated, zero bytes, a broken link, not a regular file: a FIFO is
+    never opened, it would wait for a writer; or more pixels than PIL.Image.MAX_IMAGE_PIXELS, which is refused
+    from the header, before decoding) are an error naming them;
     ``skip_bad_images=True`` leaves them out and lists them in ``skipped``.
 
 Cache: a folder is decoded once, in parallel, into one uint8 file per folder and settings, in ``cache_dir``
@@ -48,9 +49,12 @@ import multiprocessing
 import os
 import secrets
 import signal
+import stat
 import struct
 import time
 import warnings
+import zipfile
+import zlib
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +153,9 @@ def _decode_file(task: tuple[str, int | None, int]) -> _Decoded:
     """(path, image_size, channels) -> the fitted pixels; image_size None only reads the header. Never raises."""
     path, image_size, channels = task
     try:
+        problem = _not_a_file(os.stat(path))
+        if problem:
+            return _Decoded(None, False, "", "", problem)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # refuse, don't just warn
             with Image.open(path, formats=PIL_FORMATS) as img:  # checks the pixel count from the header
@@ -305,6 +312,16 @@ def _not_an_image(name: str) -> str | None:
     return None
 
 
+def _not_a_file(info: os.stat_result) -> str | None:
+    """Why a path with this stat cannot be an image file, or None. Checked before any open: opening a FIFO
+    waits for a writer, forever."""
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a folder" if stat.S_ISDIR(info.st_mode) else \
+            "a socket" if stat.S_ISSOCK(info.st_mode) else "a device"
+        return f"{kind}, not a regular file"
+    return "empty file (0 bytes)" if info.st_size == 0 else None
+
+
 def _walk(root: str, top: str, ignored: list, bad: list) -> list[tuple[str, int, int]]:
     """The image files below root/top, any depth, symlinks followed: sorted (rel, size, mtime_ns)."""
     def unreadable(error: OSError):
@@ -336,20 +353,21 @@ def _walk(root: str, top: str, ignored: list, bad: list) -> list[tuple[str, int,
                 ignored.append((rel, reason))
                 continue
             try:
-                stat = os.stat(os.path.join(root, rel))
+                info = os.stat(os.path.join(root, rel))
             except OSError as error:
                 bad.append((rel, f"cannot open: {error.strerror} (a broken link?)"))
                 continue
-            if stat.st_size == 0:
-                bad.append((rel, "empty file (0 bytes)"))
+            problem = _not_a_file(info)
+            if problem:
+                bad.append((rel, problem))
             else:
-                found.append((rel, stat.st_size, stat.st_mtime_ns))
+                found.append((rel, info.st_size, info.st_mtime_ns))
     return sorted(found)
 
 
 def _folder_id(path: str) -> tuple[int, int]:
-    stat = os.stat(path)
-    return stat.st_dev, stat.st_ino
+    info = os.stat(path)
+    return info.st_dev, info.st_ino
 
 
 def _class_folders(root: str, split: str, ignored: list) -> list[str]:
@@ -639,7 +657,20 @@ def _labels(y, name: str, where: str, count: int) -> np.ndarray:
                          "label per image")
     if len(y) and y.min() < 0:
         raise ImageError(f"{where}: {name} holds the negative label {y.min()}: labels are class indices 0..K-1")
+    if len(y) and y.max() > np.iinfo(np.int64).max:  # before the cast to int64, which would wrap it negative
+        raise ImageError(f"{where}: {name} holds label {y.max()}, out of range: labels are class indices 0..K-1")
     return y.astype(np.int64)
+
+
+def _class_name(name, where: str) -> str:
+    """One of class_names as text: bytes (an npz's S dtype) are decoded as UTF-8, not shown as "b'cat'"."""
+    if not isinstance(name, bytes):
+        return str(name)
+    try:
+        return name.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ImageError(f"{where}: class name {bytes(name)!r} is not UTF-8 text: store class_names as str, e.g. "
+                         "np.array(['cat', 'dog'])") from None
 
 
 def _resize_arrays(x: np.ndarray, image_size: int, channels: int) -> np.ndarray:
@@ -674,9 +705,13 @@ def _from_named(arrays: dict, name: str, where: str, image_size, channels) -> Im
         raise ImageError(f"{where}: x_labeled holds no images: give at least one labeled image per class")
     class_names = arrays.get("class_names")
     if class_names is None:
-        class_names = tuple(str(i) for i in range(int(ys["labeled"].max(initial=-1)) + 1))
+        most = int(ys["labeled"].max())
+        if most >= len(ys["labeled"]):  # labels 0..most are that many classes, each needing a labeled image
+            raise ImageError(f"{where}: y_labeled holds label {most}, out of range for {len(ys['labeled'])} labeled "
+                             "images (every class needs one): labels are class indices 0..K-1")
+        class_names = tuple(str(i) for i in range(most + 1))
     else:
-        class_names = tuple(str(c) for c in _as_numpy(class_names).reshape(-1))
+        class_names = tuple(_class_name(c, where) for c in _as_numpy(class_names).reshape(-1))
         if len(set(class_names)) != len(class_names):
             raise ImageError(f"{where}: class_names {class_names} repeat a name: give each class a distinct name")
     for split, y in ys.items():
@@ -701,6 +736,8 @@ def open_npz(file, image_size: int | None = None, channels: int | None = None) -
         raise ImageError(f"npz file {where} not found")
     try:
         npz = np.load(where, allow_pickle=False)
+    except zipfile.BadZipFile as error:  # it starts as a zip, but is not a whole one
+        raise _damaged_npz(where, error) from None
     except (OSError, EOFError, ValueError) as error:  # ValueError: neither zip nor .npy (numpy calls it a pickle)
         raise ImageError(f"{where} is not a readable .npz file ({error}): save it with np.savez") from None
     if not isinstance(npz, np.lib.npyio.NpzFile):
@@ -718,10 +755,20 @@ def open_npz(file, image_size: int | None = None, channels: int | None = None) -
         for name in npz.files:
             try:
                 arrays[name] = npz[name]
-            except ValueError as error:  # numpy refuses object arrays when allow_pickle=False
+            except ValueError as error:
+                if "allow_pickle" not in str(error):  # numpy's refusal of an object array names the flag
+                    raise _damaged_npz(where, error, name) from None
                 raise ImageError(f"{where}: {name} holds Python objects (a pickle), refused: save plain numeric "
                                  f"arrays (uint8 images, integer labels, str class names) ({error})") from None
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as error:  # a bad CRC, cut-short data
+                raise _damaged_npz(where, error, name) from None
     return _from_named(arrays, f"npz:{where}", where, image_size, channels)
+
+
+def _damaged_npz(where: str, error: Exception, name: str | None = None) -> ImageError:
+    member = f"{name}: " if name else ""
+    return ImageError(f"{where} is damaged, not a valid .npz ({member}{type(error).__name__}: {error}): it was cut "
+                      "short or corrupted; copy it again, or save it again with np.savez")
 
 
 def from_arrays(x_labeled, y_labeled, x_unlabeled=None, x_val=None, y_val=None, x_test=None, y_test=None,

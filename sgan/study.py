@@ -182,10 +182,18 @@ def check_cell_flags(cell: Cell, flags: list[str]) -> None:
                          f"{message} (its flags: {shlex.join(flags)})") from None
 
 
+def read_metrics(path: Path) -> dict:
+    """A run's metrics.json; OSError or ValueError when it is missing, not JSON or not a run's record."""
+    metrics = json.loads(path.read_text())
+    if not isinstance(metrics, dict):
+        raise ValueError(f"a JSON {type(metrics).__name__}, not the object a run writes")
+    return metrics
+
+
 def cell_state(directory: Path) -> str:
     """'done' (a readable metrics.json), 'resume' (interrupted after a checkpoint) or 'new'."""
     try:
-        json.loads((directory / "metrics.json").read_text())
+        read_metrics(directory / "metrics.json")
         return "done"
     except (OSError, ValueError):
         pass
@@ -277,9 +285,13 @@ def collect(study_dir: Path) -> list[dict]:
     records = []
     for path in sorted((study_dir / "runs").glob("*/*/labels-*/seed-*/metrics.json")):
         try:
-            metrics = json.loads(path.read_text())
+            metrics = read_metrics(path)
             record = {key: metrics[key] for key in ("dataset", "recipe", "formulation", "num_labels", "seed",
                                                     "test_accuracy", "test_error", "steps", "epochs")}
+            record["val_accuracy"] = metrics.get("val_accuracy")
+            scores = [record[key] for key in ("test_accuracy", "test_error", "val_accuracy", "steps", "epochs")]
+            if not all(value is None or isinstance(value, (int, float)) for value in scores):
+                raise ValueError("its scores, steps or epochs are not numbers")
         except (OSError, ValueError, KeyError) as error:
             print(f"sgan.study: skipping {path}: unreadable ({error})", file=sys.stderr)
             continue
@@ -297,6 +309,14 @@ def dataset_order(name: str) -> int:
     return list(DATASETS).index(name) if name in DATASETS else len(DATASETS)
 
 
+def mean_std(values: list) -> tuple[float | None, float | None]:
+    """Mean and sample std over seeds; (None, None) when a run has no such score (its dataset has no test or
+    validation images)."""
+    if None in values:
+        return None, None
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def aggregate(records: list[dict]) -> list[dict]:
     """Group runs by (dataset, labels, recipe[/formulation]): mean and sample std over seeds."""
     groups = {}
@@ -305,27 +325,36 @@ def aggregate(records: list[dict]) -> list[dict]:
     cells = []
     for (dataset, num_labels, label), runs in sorted(groups.items(), key=lambda g: (dataset_order(g[0][0]), g[0][1:])):
         runs = sorted(runs, key=lambda r: r["seed"])
-        errors = [r["test_error"] for r in runs]
-        accuracies = [r["test_accuracy"] for r in runs]
+        test_error = mean_std([r["test_error"] for r in runs])
+        test_accuracy = mean_std([r["test_accuracy"] for r in runs])
+        val_error = mean_std([None if r["val_accuracy"] is None else 1 - r["val_accuracy"] for r in runs])
         cells.append({
             "dataset": dataset, "num_labels": num_labels, "label": label, "n": len(runs),
-            "test_error_mean": statistics.mean(errors),
-            "test_error_std": statistics.stdev(errors) if len(runs) > 1 else 0.0,
-            "test_accuracy_mean": statistics.mean(accuracies),
-            "test_accuracy_std": statistics.stdev(accuracies) if len(runs) > 1 else 0.0,
+            "test_error_mean": test_error[0], "test_error_std": test_error[1],
+            "test_accuracy_mean": test_accuracy[0], "test_accuracy_std": test_accuracy[1],
+            "val_error_mean": val_error[0], "val_error_std": val_error[1],
             "steps": sorted({r["steps"] for r in runs}),
             "epochs": sorted({r["epochs"] for r in runs}),
-            "runs": [{key: r[key] for key in ("seed", "test_accuracy", "test_error", "steps", "epochs",
-                                               "wall_seconds", "path")} for r in runs],
+            "runs": [{key: r[key] for key in ("seed", "test_accuracy", "test_error", "val_accuracy", "steps",
+                                               "epochs", "wall_seconds", "path")} for r in runs],
         })
     return cells
 
 
+NO_TEST = "no test"  # a cell whose runs have no test score: their dataset has no test images
+
+
 def format_cell(cell: dict) -> str:
-    text = f"{100 * cell['test_error_mean']:.2f}" + (f" ± {100 * cell['test_error_std']:.2f}" if cell["n"] > 1 else "")
+    def error(name):
+        return f"{100 * cell[name + '_mean']:.2f}" + (f" ± {100 * cell[name + '_std']:.2f}" if cell["n"] > 1 else "")
+
     steps = "/".join(str(s) for s in cell["steps"])
     epochs = "/".join(f"{e:.3g}" for e in cell["epochs"])
-    return f"{text} (n={cell['n']}, {steps} steps = {epochs} ep)"
+    runs = f"n={cell['n']}, {steps} steps = {epochs} ep"
+    if cell["test_error_mean"] is not None:
+        return f"{error('test_error')} ({runs})"
+    val = f"val {error('val_error')}, " if cell["val_error_mean"] is not None else ""
+    return f"{NO_TEST} ({val}{runs})"
 
 
 def results_markdown(cells: list[dict], regenerate: str) -> str:
@@ -340,6 +369,10 @@ def results_markdown(cells: list[dict], regenerate: str) -> str:
         values = [format_cell(by_key[dataset, num_labels, label]) if (dataset, num_labels, label) in by_key else "–"
                   for label in labels]
         lines.append(f"| {dataset} | {num_labels} | " + " | ".join(values) + " |")
+    if any(c["test_error_mean"] is None for c in cells):
+        lines += ["", f"{NO_TEST}: the runs' dataset has no test images (a folder's test/, an npz's x_test and "
+                      "y_test), so they have no test error; the validation error is shown where they have one, and "
+                      "the plot leaves them out."]
     lines += ["", f"Regenerate this table, results.json and accuracy_vs_labels.png: `{regenerate}`. "
                   "Each run's exact settings are in its config.yaml under runs/."]
     return "\n".join(lines) + "\n"
@@ -351,6 +384,9 @@ def plot_accuracy(cells: list[dict], path: Path) -> None:
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
+    cells = [c for c in cells if c["test_accuracy_mean"] is not None]  # the plot is of test accuracy
+    if not cells:
+        return
     datasets = list(dict.fromkeys(c["dataset"] for c in cells))
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.2), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
@@ -428,6 +464,10 @@ def parse_args(argv: list[str] | None = None):
             argv[i:i + 2] = [f"--extra={argv[i + 1]}"]
             break
     args = parser.parse_args(argv)
+    existing = next(path for path in (args.study_dir, *args.study_dir.parents) if path.exists())
+    if not existing.is_dir():  # now, not as an error of the first run's thread
+        parser.error(f"--study-dir {args.study_dir}: {existing} is a file, not a folder; give a folder for the "
+                     "runs and results (it is created if missing)")
     if args.aggregate_only:
         return args, [], []
     try:
@@ -517,8 +557,14 @@ def main(argv: list[str] | None = None) -> int:
                     continue  # not started: the study is stopping
                 ran += 1
                 if code == 0 and state == "done":
-                    error = json.loads((directory / "metrics.json").read_text())["test_error"]
-                    say(f"{prefix}: test error {100 * error:.2f}% ({seconds:.0f} s)")
+                    metrics = read_metrics(directory / "metrics.json")
+                    if metrics["test_error"] is not None:
+                        score = f"test error {100 * metrics['test_error']:.2f}%"
+                    elif metrics.get("val_accuracy") is not None:
+                        score = f"no test images; val error {100 * (1 - metrics['val_accuracy']):.2f}%"
+                    else:
+                        score = "no test or validation images to score"
+                    say(f"{prefix}: {score} ({seconds:.0f} s)")
                 elif stopped_by_signal(code, state):
                     stopped.append(directory)
                     for other in futures:

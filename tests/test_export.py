@@ -97,3 +97,13 @@ def test_a_checkpoint_exports_and_bad_runs_fail_with_a_message(digits_npz, tmp_p
 
     assert main([str(tmp_path / "nowhere"), "--output", str(tmp_path / "x.pt2")]) == 1
     assert "no such directory" in capsys.readouterr().err and not (tmp_path / "x.pt2").exists()
+
+
+def test_an_output_that_cannot_be_written_fails_with_a_message(digits_npz, tmp_path, capsys):
+    run = short_run(tmp_path / "run", digits_npz, "--recipe", "supervised")
+    (tmp_path / "folder").mkdir()
+    capsys.readouterr()
+    for output, why in ((tmp_path / "folder", "[Errno 21] Is a directory"),
+                        ("/proc/sgan.pt2", "[Errno 2] No such file or directory")):
+        assert main([str(run), "--output", str(output)]) == 1
+        assert capsys.readouterr().err == f"error: {why}: '{output}'\n"  # one line, as sgan.predict's

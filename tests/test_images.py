@@ -3,6 +3,7 @@ its own small images with PIL."""
 import io
 import os
 import struct
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -288,6 +289,15 @@ def test_zero_byte_file_is_a_bad_image(tmp_path):
     assert len(open_test_folder(root, skip_bad_images=True).labeled) == 5
 
 
+def test_a_fifo_is_a_bad_image_never_opened(tmp_path):
+    root = make_folder(tmp_path / "d")
+    os.mkfifo(root / "labeled" / "dog" / "pipe.png")  # opening it would wait for a writer
+    with pytest.raises(ImageError, match=r"labeled/dog/pipe\.png is not a readable image \(a FIFO, not a regular "
+                                         r"file\)"):
+        open_test_folder(root)
+    assert len(open_test_folder(root, skip_bad_images=True).labeled) == 5
+
+
 def png_claiming_size(side: int) -> bytes:
     """A tiny PNG whose header claims side x side pixels (its data is a 1x1 image's)."""
     buffer = io.BytesIO()
@@ -431,6 +441,15 @@ def test_npz_resize_and_channels_use_the_folder_rule(tmp_path):
         open_npz(tmp_path / "a.npz")
 
 
+def test_npz_class_names_stored_as_bytes_are_decoded(tmp_path):
+    x, y = arrays()
+    np.savez(tmp_path / "a.npz", x_labeled=x, y_labeled=y, x_unlabeled=x[:0],
+             class_names=np.array([b"ant", b"bee", "cône".encode()]))  # dtype S: bytes
+    assert open_npz(tmp_path / "a.npz").class_names == ("ant", "bee", "cône")
+    npz_error(tmp_path, r"class name b'\\xff' is not UTF-8 text", x_labeled=x, y_labeled=y, x_unlabeled=x[:0],
+              class_names=np.array([b"ant", b"bee", b"\xff"]))
+
+
 def npz_error(tmp_path, match, **arrays_):
     np.savez(tmp_path / "bad.npz", **arrays_)
     with pytest.raises(ImageError, match=match) as error:
@@ -450,6 +469,11 @@ def test_npz_bad_arrays(tmp_path):
     npz_error(tmp_path, r"y_val holds label 7, but there are 3 classes", x_labeled=x, y_labeled=y, x_unlabeled=u,
               x_val=x[:1], y_val=np.array([7]))
     npz_error(tmp_path, "negative label -1", x_labeled=x, y_labeled=y - 1, x_unlabeled=u)
+    npz_error(tmp_path, f"y_test holds label {2 ** 64 - 1}, out of range", x_labeled=x, y_labeled=y.astype(np.uint64),
+              x_unlabeled=u, x_test=x[:2], y_test=np.array([0, 2 ** 64 - 1], np.uint64))  # not wrapped to -1
+    # without class_names, K = max label + 1: not a million class names to build, then list as missing
+    npz_error(tmp_path, f"y_labeled holds label {10 ** 6}, out of range for 6 labeled images", x_labeled=x,
+              y_labeled=np.append(y[:5], 10 ** 6), x_unlabeled=u)
     npz_error(tmp_path, "y_labeled has no image of class cow", x_labeled=x, y_labeled=y % 2, x_unlabeled=u,
               class_names=np.array(["ant", "bee", "cow"]))
     npz_error(tmp_path, "required arrays missing: x_unlabeled", x_labeled=x, y_labeled=y)
@@ -462,6 +486,32 @@ def test_npz_bad_arrays(tmp_path):
         open_npz(tmp_path / "text.npz")
     with pytest.raises(ImageError, match="not found"):
         open_npz(tmp_path / "missing.npz")
+
+
+def test_a_damaged_npz_says_so_and_is_not_called_a_pickle(tmp_path):
+    x, y = arrays()
+    np.savez(tmp_path / "good.npz", x_labeled=x, y_labeled=y, x_unlabeled=x[:2])
+    whole = (tmp_path / "good.npz").read_bytes()
+    flipped = bytearray(whole)
+    flipped[whole.index(b"\x93NUMPY") + 200] ^= 0xFF  # in x_labeled's pixels: its CRC no longer matches
+    header = io.BytesIO()
+    np.lib.format.write_array(header, x[:3])  # a member holding 3 images under a header that claims 6
+    short = header.getvalue().replace(b"(3, 8, 8, 3)", b"(6, 8, 8, 3)")
+    with zipfile.ZipFile(tmp_path / "short.npz", "w") as npz:
+        npz.writestr("x_labeled.npy", short)
+        for name, array in (("y_labeled", y), ("x_unlabeled", x[:2])):
+            member = io.BytesIO()
+            np.lib.format.write_array(member, array)
+            npz.writestr(f"{name}.npy", member.getvalue())
+    for name, data, why in (("half.npz", whole[:len(whole) // 2], "File is not a zip file"),
+                            ("flipped.npz", bytes(flipped), "x_labeled: BadZipFile: Bad CRC-32"),
+                            ("short.npz", None, "x_labeled: ValueError: EOF")):
+        if data is not None:
+            (tmp_path / name).write_bytes(data)
+        with pytest.raises(ImageError) as error:
+            open_npz(tmp_path / name)
+        assert str(error.value).startswith(f"{tmp_path / name} is damaged, not a valid .npz (")
+        assert why in str(error.value) and "copy it again" in str(error.value) and "pickle" not in str(error.value)
 
 
 def test_from_arrays_takes_tensors_without_copying(tmp_path):

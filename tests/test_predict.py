@@ -205,6 +205,35 @@ def test_a_decoding_process_that_dies_is_an_error_not_a_hang():
     assert multiprocessing.active_children() == []
 
 
+def finishes(call, fifo, seconds=20):
+    """call() in a thread: what it returns or raises, or a failure when it still waits on `fifo` after `seconds`."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(call)
+        try:
+            return future.result(timeout=seconds)
+        except concurrent.futures.TimeoutError:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # a writer: the blocked open returns, the thread ends
+            pytest.fail(f"blocked opening the FIFO {fifo}")
+
+
+def test_a_fifo_named_like_an_image_is_unreadable_not_a_hang(run, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("L", (28, 28)).save(folder / "good.png")
+    fifo = folder / "pipe.png"
+    os.mkfifo(fifo)  # opening it would wait for a writer, forever
+    output = tmp_path / "preds.csv"
+    for paths in ([folder], [fifo, folder / "good.png"]):  # found in a folder, or named
+        assert finishes(lambda: main([str(run), *map(str, paths), "--output", str(output), "--device", "cpu"]),
+                        fifo) == 0
+        assert [row["path"] for row in read_csv(output)] == [str(folder / "good.png")]
+        assert read_csv(tmp_path / "preds.errors.csv") == [
+            {"path": str(fifo), "error": "not a readable image (a FIFO, not a regular file); PNG, JPEG, BMP, WebP "
+                                         "and GIF are read"}]
+    with pytest.raises(ImageError, match=r"pipe\.png: not a readable image \(a FIFO, not a regular file\)"):
+        finishes(lambda: load_image(fifo, 28, 1), fifo)
+
+
 @pytest.mark.parametrize("args, message", [
     (["NOWHERE", "x.png"], "no such directory"),
     (["RUN", "EMPTY"], "no image files in"),

@@ -9,13 +9,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from sgan import config as sgan_config
 from sgan.config import parse_config
 from sgan.losses import FORMULATIONS
-from sgan.study import Cell, default_recipe_specs, last_line, main, parse_args, parse_recipes, run_cell
+from sgan.study import Cell, cell_state, default_recipe_specs, last_line, main, parse_args, parse_recipes, run_cell
 from sgan.train import train
 
 from launch_helpers import REPO
@@ -86,10 +87,12 @@ def test_bad_specs_exit_with_a_message(tmp_path, capsys, flags, message):
     assert not (tmp_path / "runs").exists()
 
 
-def fake_run(study_dir, cell, error, steps=600):
+def fake_run(study_dir, cell, error, steps=600, val_error=None):
+    """A finished run's metrics.json; error None: the run had no test images."""
     folder = cell.directory(study_dir)
     folder.mkdir(parents=True)
-    metrics = {"test_accuracy": 1 - error, "test_error": error, "num_labels": int(cell.num_labels),
+    metrics = {"test_accuracy": None if error is None else 1 - error, "test_error": error,
+               "val_accuracy": None if val_error is None else 1 - val_error, "num_labels": int(cell.num_labels),
                "dataset": cell.dataset, "recipe": cell.recipe, "formulation": cell.formulation or "k-logit",
                "seed": cell.seed, "steps": steps, "epochs": steps / 600, "wall_seconds": 1.0}
     (folder / "metrics.json").write_text(json.dumps(metrics))
@@ -131,6 +134,46 @@ def test_aggregation_math_table_and_plot(tmp_path, capsys):
     with Image.open(plot) as image:
         image.verify()
         assert image.size[0] > image.size[1]  # two datasets side by side
+
+
+def test_runs_without_a_test_split_show_their_validation_error(tmp_path, capsys):
+    # a folder without test/: its runs' metrics.json has test_error null (and a val score when it has val/)
+    for seed, val_error in enumerate([0.25, 0.35]):
+        fake_run(tmp_path, Cell("folder:/data/pets", "12", "supervised", None, seed), None, val_error=val_error)
+    fake_run(tmp_path, Cell("mnist", "20", "supervised", None, 0), 0.5)
+
+    assert main(["--study-dir", str(tmp_path), "--aggregate-only"]) == 0
+    table = (tmp_path / "results.md").read_text()
+    assert "| folder:/data/pets | 12 | no test (val 30.00 ± 7.07, n=2, 600 steps = 1 ep) |" in table
+    assert "| mnist | 20 | 50.00 (n=1, 600 steps = 1 ep) |" in table
+    assert "no test: the runs' dataset has no test images" in table
+    cells = json.loads((tmp_path / "results.json").read_text())["cells"]
+    pets = next(c for c in cells if c["dataset"] == "folder:/data/pets")
+    assert pets["test_error_mean"] is None and pets["val_error_mean"] == pytest.approx(0.3)
+    assert (tmp_path / "accuracy_vs_labels.png").is_file()  # of the runs that have a test score
+
+
+def test_a_metrics_json_of_the_wrong_shape_is_skipped_and_run_again(tmp_path, capsys):
+    fake_run(tmp_path, Cell("mnist", "20", "supervised", None, 0), 0.5)
+    wrong = Cell("mnist", "20", "supervised", None, 1).directory(tmp_path)
+    wrong.mkdir(parents=True)
+    (wrong / "metrics.json").write_text("[1]")
+    assert main(["--study-dir", str(tmp_path), "--aggregate-only"]) == 0
+    err = capsys.readouterr().err
+    assert f"skipping {wrong / 'metrics.json'}: unreadable (a JSON list, not the object a run writes)" in err
+    assert "(n=1," in (tmp_path / "results.md").read_text()
+    assert cell_state(wrong) == "new"  # not a finished run: the study runs it again
+
+
+def test_a_study_dir_that_is_a_file_is_refused_up_front(tmp_path, capsys):
+    file = tmp_path / "notes.txt"
+    file.write_text("x")
+    for study_dir, flags in ((file, ["--labels", "mnist=20", "--recipes", "supervised"]),
+                             (file / "study", ["--aggregate-only"])):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--study-dir", str(study_dir), *flags])
+        assert exit_info.value.code == 2
+        assert f"--study-dir {study_dir}: {file} is a file, not a folder" in capsys.readouterr().err
 
 
 def test_aggregate_only_without_runs_is_an_error(tmp_path, capsys):
@@ -199,6 +242,26 @@ def test_a_study_of_your_own_images(tmp_path):
     assert folder.startswith("folder-my=photos-") and "/" not in folder  # one folder per source, inside the study
     assert plan_of(tmp_path, "--labels", "folder:/other/my=photos=5", "--recipes", "supervised", "--seeds", "0")[0] \
         .directory(tmp_path) != plan[0].directory(tmp_path)  # same name, another folder
+
+
+def test_a_study_of_a_folder_without_test_images_reports_the_validation_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("SGAN_CACHE_DIR", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    for split, n in (("labeled", 4), ("val", 2)):  # no test/
+        for name in ("a", "b"):
+            folder = tmp_path / "pets" / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8)).save(folder / f"{i}.png")
+    command = [sys.executable, "-m", "sgan.study", "--study-dir", str(tmp_path / "study"), "--labels",
+               f"folder:{tmp_path / 'pets'}=all", "--recipes", "supervised", "--seeds", "0", "--max-steps", "2",
+               "--extra", "--batch-size 4 --tracker none --cpu --image-size 12"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert "seed-0: no test images; val error" in result.stdout and "ran 1, skipped 0, failed 0" in result.stdout
+    assert "| no test (val " in (tmp_path / "study" / "results.md").read_text()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert again.returncode == 0 and "done, skipped" in again.stdout, again.stderr[-3000:]
 
 
 def start_long_study(study_dir, root, seeds, wait_for_training=True):
