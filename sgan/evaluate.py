@@ -348,8 +348,9 @@ def pick_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
         torch.zeros(1, device=device).cpu()  # fails now, with a message, if the device is not usable here
-    except (RuntimeError, AssertionError, NotImplementedError) as error:  # NotImplementedError: meta holds no data
-        raise EvaluationError(f"--device {name}: not usable here ({error}); use --device cpu") from error
+    except Exception as error:  # RuntimeError, AssertionError; NotImplementedError (meta: no data), ImportError (hpu)
+        why = str(error).split(". ")[0] or type(error).__name__  # torch's first sentence, not its list of backends
+        raise EvaluationError(f"--device {name}: not usable here ({why}); use --device cpu") from error
     return device
 
 

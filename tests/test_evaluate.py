@@ -145,7 +145,7 @@ def test_bad_inputs_fail_with_a_message(seed_run, mnist_root, tmp_path, capsys, 
     assert not (tmp_path / "out" / "evaluation.json").exists()
 
 
-@pytest.mark.parametrize("device", ["meta", "nonsense"])
+@pytest.mark.parametrize("device", ["meta", "nonsense", "hpu"])
 def test_a_device_that_cannot_run_the_model_is_a_message(seed_run, mnist_root, tmp_path, capsys, device):
     """--device meta passed the check (it makes empty tensors) and failed later in a NotImplementedError."""
     assert main([str(seed_run), "--device", device, "--data-root", str(mnist_root), "--out", str(tmp_path)]) == 1
