@@ -85,6 +85,13 @@ def find(resume: str, output_dir: Path) -> list[Path]:
     return [path]
 
 
+def comparable(settings: dict) -> dict:
+    """Recorded settings as a run records them now: folder:PATH and npz:FILE absolute (runs before
+    data.absolute_spec recorded them as typed, relative to the directory they ran in)."""
+    dataset = settings.get("dataset")
+    return {**settings, "dataset": absolute_spec(dataset)} if isinstance(dataset, str) else settings
+
+
 def read_state(path: Path, expected_fingerprint: dict, defaults: dict | None = None) -> dict:
     """The trainer state of a checkpoint, after checking it belongs to this run's configuration.
 
@@ -96,9 +103,7 @@ def read_state(path: Path, expected_fingerprint: dict, defaults: dict | None = N
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CorruptCheckpoint(f"{path / STATE_FILE}: corrupt trainer state ({error}); resume from another "
                               "checkpoint or start again") from error
-    theirs = {**(defaults or {}), **theirs}
-    if isinstance(theirs.get("dataset"), str):  # runs before absolute_spec recorded folder:PATH as typed
-        theirs["dataset"] = absolute_spec(theirs["dataset"])
+    theirs = comparable({**(defaults or {}), **theirs})
     differences = [f"{key}: checkpoint {theirs.get(key)!r}, this run {value!r}"
                    for key, value in expected_fingerprint.items() if theirs.get(key) != value]
     if differences:

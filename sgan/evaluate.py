@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoints import STATE_FILE
+from .checkpoints import STATE_FILE, comparable
 from .config import TrainConfig, load_yaml_config
 from .data import (DATASETS, DEFAULT_IMAGE_SIZE, DataError, as_tensor, is_builtin, open_source, own_images_path,
                    to_model_scale)
@@ -145,7 +145,7 @@ def checked_record(file: Path, dataset, class_names, image_shape, settings) -> R
     if not isinstance(dataset, str):
         problem = f"dataset {dataset!r} is not a dataset name"
     elif not isinstance(class_names, list) or len(class_names) < 2 or len(set(map(str, class_names))) < \
-            len(class_names) or not all(isinstance(name, str) and name for name in class_names):
+            len(class_names) or not all(isinstance(name, str) for name in class_names):
         problem = f"class_names {class_names!r} are not two or more different names"
     elif not isinstance(image_shape, list) or len(image_shape) != 3 or \
             not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in image_shape):
@@ -168,9 +168,10 @@ def shape_from_settings(dataset: str, image_size: int | None, channels: int | No
 
 
 def read_record(source: Source, config: TrainConfig) -> Record:
-    """The weights' own record: a run's weights file metadata, or a checkpoint's trainer_state.json fingerprint
-    with the class names its run recorded (labeled_indices.json). Weights from before sgan recorded anything
-    fall back to config.yaml (they are all of built-in datasets)."""
+    """The weights' own record: a run's weights file metadata, or a checkpoint's trainer_state.json (its
+    fingerprint, class names and image shape; checkpoints before 29fa67a take the class names from the run's
+    labeled_indices.json). Weights from before sgan recorded anything fall back to config.yaml (they are all of
+    built-in datasets)."""
     if source.kind == "checkpoint":
         state_file = source.path / STATE_FILE
         if not state_file.is_file():
@@ -217,9 +218,10 @@ def read_record(source: Source, config: TrainConfig) -> Record:
 def check_record(record: Record, config: TrainConfig, config_file: Path) -> None:
     """config.yaml must say what the weights say: an edited or swapped config.yaml would rebuild another
     network, or score the weights on another dataset."""
+    ours = comparable({key: getattr(config, key) for key in config.fields_to_match_on_resume()})
+    theirs = comparable(record.settings)
     differences = [f"{key}: config.yaml {getattr(config, key)!r}, the weights {record.settings[key]!r}"
-                   for key in config.fields_to_match_on_resume()
-                   if key in record.settings and record.settings[key] != getattr(config, key)]
+                   for key in ours if key in theirs and theirs[key] != ours[key]]
     if differences:
         raise EvaluationError(f"{config_file} does not describe the weights it sits with ({'; '.join(differences)}; "
                               f"the weights' own record: {record.file}): restore the config.yaml the run wrote")

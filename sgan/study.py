@@ -35,7 +35,7 @@ from pathlib import Path
 
 from . import config as sgan_config
 from .checkpoints import complete_checkpoints
-from .data import DATASETS, check_dataset, dataset_info, is_builtin, parse_num_labels
+from .data import DATASETS, absolute_spec, check_dataset, dataset_info, is_builtin, parse_num_labels
 from .images import usable_cores
 from .losses import FORMULATIONS
 
@@ -290,8 +290,10 @@ def collect(study_dir: Path) -> list[dict]:
                                                     "test_accuracy", "test_error", "steps", "epochs")}
             record["val_accuracy"] = metrics.get("val_accuracy")
             scores = [record[key] for key in ("test_accuracy", "test_error", "val_accuracy", "steps", "epochs")]
-            if not all(value is None or isinstance(value, (int, float)) for value in scores):
-                raise ValueError("its scores, steps or epochs are not numbers")
+            if not all(value is None or isinstance(value, (int, float)) and not isinstance(value, bool)
+                       for value in scores) or not isinstance(record["dataset"], str):
+                raise ValueError("its dataset, scores, steps or epochs are not what a run writes")
+            record["dataset"] = absolute_spec(record["dataset"])  # runs before it was recorded absolute: one cell
         except (OSError, ValueError, KeyError) as error:
             print(f"sgan.study: skipping {path}: unreadable ({error})", file=sys.stderr)
             continue
@@ -386,6 +388,7 @@ def plot_accuracy(cells: list[dict], path: Path) -> None:
 
     cells = [c for c in cells if c["test_accuracy_mean"] is not None]  # the plot is of test accuracy
     if not cells:
+        path.unlink(missing_ok=True)  # an earlier aggregate's plot would outlive its runs
         return
     datasets = list(dict.fromkeys(c["dataset"] for c in cells))
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.2), squeeze=False)

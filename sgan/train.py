@@ -435,23 +435,27 @@ def claim_output_dir(config: TrainConfig, output_dir: Path, accelerator) -> None
         raise ValueError(f"--output-dir {output_dir} is a file, not a folder: choose another --output-dir")
     found = [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
     if found and not holds_run(output_dir):
-        raise ValueError(f"--output-dir {output_dir} holds {', '.join(found)}, which no sgan run wrote (it has no "
-                         "labeled_indices.json, metrics.json or checkpoint): a run would write over them; choose "
-                         "a new or empty --output-dir")
+        raise ValueError(f"--output-dir {output_dir} holds {', '.join(found)}, but no sgan run's labeled_indices.json, "
+                         "metrics.json or checkpoint, so they may not be a run's: a run would write over them; "
+                         "choose a new or empty --output-dir")
     if found and not config.resume and not config.overwrite:
         raise ValueError(f"--output-dir {output_dir} holds a run already ({', '.join(found)}): continue it with "
                          "--resume latest, start it again with --overwrite (deletes its checkpoints and outputs), "
                          "or choose another --output-dir")
     own_checkpoints = checkpoints.checkpoints_root(output_dir).resolve()
-    if found and config.resume not in (None, "latest") and \
-            own_checkpoints not in Path(config.resume).expanduser().resolve().parents:
+    branch = config.resume not in (None, "latest") and \
+        own_checkpoints not in Path(config.resume).expanduser().resolve().parents  # another run's checkpoint
+    progress = checkpoints.complete_checkpoints(output_dir) or (output_dir / "metrics.json").is_file() or \
+        (output_dir / "model").is_dir()  # not just the config.yaml of a branch that failed before its checkpoint
+    if branch and progress and not config.overwrite:
         raise ValueError(f"--resume {config.resume} is a checkpoint of another run, and --output-dir {output_dir} "
-                         "holds a run of its own, which continuing there would overwrite: continue it in a new "
-                         "--output-dir (its own folder, or a new one for a branch of it)")
+                         "holds a run of its own, which continuing there would overwrite: continue in a new "
+                         "--output-dir, or add --overwrite to replace that run")
+    accelerator.wait_for_everyone()  # every process has checked the folder before the main one deletes from it
     if not accelerator.is_main_process:
         return
     try:
-        if found and not config.resume:
+        if found and (not config.resume or branch):
             for name in found:
                 target = output_dir / name
                 shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()

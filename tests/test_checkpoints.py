@@ -311,7 +311,7 @@ def test_a_new_run_into_a_run_folder_is_refused_or_overwritten(tmp_path, mnist_r
     assert (out / "notes.txt").read_text() == "mine"  # only a run's own outputs are deleted
 
 
-def test_files_of_a_runs_names_that_no_run_wrote_are_never_deleted(tmp_path, mnist_root, capsys):
+def test_files_of_a_runs_names_in_a_folder_without_a_run_are_never_deleted(tmp_path, mnist_root, capsys):
     """A user's model/ and config.yaml (or the sgan/ package, with --output-dir . in the repo) made the folder
     "a run already", and --overwrite, which the message suggested, deleted them."""
     out = tmp_path / "project"
@@ -321,7 +321,8 @@ def test_files_of_a_runs_names_that_no_run_wrote_are_never_deleted(tmp_path, mni
     for extra in ([], ["--overwrite"], ["--resume", "latest"]):
         assert main(flags(out, mnist_root, "--max-steps", "1", "--recipe", "supervised", *extra)) == 1
         err = capsys.readouterr().err
-        assert "model, config.yaml, which no sgan run wrote" in err and "new or empty --output-dir" in err
+        assert "holds model, config.yaml, but no sgan run's labeled_indices.json" in err
+        assert "new or empty --output-dir" in err
         assert "--overwrite" not in err
     assert (out / "model" / "mine.bin").read_text() == "mine" and (out / "config.yaml").read_text() == "replicas: 3\n"
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model"]
@@ -443,3 +444,20 @@ def test_a_setting_added_after_a_checkpoint_counts_as_its_default(tmp_path):
         read_state(tmp_path, {"lr": 0.003, "entropy_weight": 0.5}, defaults)
     with pytest.raises(CheckpointError, match="lr: checkpoint 0.003, this run 0.0002"):  # present keys still count
         read_state(tmp_path, {"lr": 0.0002, "entropy_weight": 0.0}, defaults)
+
+
+def test_a_branch_that_failed_before_its_first_checkpoint_can_be_run_again(tmp_path, checkpointed, mnist_root,
+                                                                           monkeypatch, capsys):
+    """Its folder holds only config.yaml and labeled_indices.json: the same command runs it again. A branch
+    into a folder with a run's progress is replaced only with --overwrite."""
+    step = checkpointed / "checkpoints" / "step_00000002"
+    branch = flags(tmp_path / "branch", mnist_root, "--max-steps", "4", "--recipe", "supervised", "--resume", step)
+    monkeypatch.setenv("SGAN_INJECT_FAILURE", "0:3")
+    with pytest.raises(RuntimeError, match="injected failure"):
+        train(parse_config(branch))
+    monkeypatch.delenv("SGAN_INJECT_FAILURE")
+    assert not list((tmp_path / "branch" / "checkpoints").glob("step_*"))
+    assert train(parse_config(branch))["steps"] == 4
+    assert main(branch) == 1 and "add --overwrite to replace that run" in capsys.readouterr().err
+    assert train(parse_config([*branch, "--overwrite"]))["steps"] == 4
+    assert [p.name for p in (tmp_path / "branch" / "checkpoints").iterdir()] == ["step_00000004"]

@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,6 +224,14 @@ def test_a_damaged_record_of_a_checkpoint_is_a_message(seed_run, mnist_root, tmp
     assert main([str(checkpoint), "--cpu", "--data-root", str(mnist_root), "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and name in err, err
+
+
+def test_class_names_training_accepts_are_a_valid_record():
+    """An npz may name a class '' (training checks only for repeats): such a run must stay readable."""
+    from sgan.evaluate import checked_record
+
+    record = checked_record(Path("weights"), "npz:/x.npz", ["", "dog"], [1, 8, 8], {})
+    assert record.class_names == ("", "dog") and record.image_shape == (1, 8, 8)
 
 
 def test_a_checkpoint_names_its_classes_from_its_own_state(seed_run, mnist_root, tmp_path):

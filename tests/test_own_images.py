@@ -246,3 +246,6 @@ def test_a_relative_folder_is_recorded_as_the_folder_it_named(tmp_path, folder, 
     monkeypatch.chdir(tmp_path / "here")  # from the directory it ran in, an old run resumes as before
     assert main(flags(out, "--dataset", "folder:photos", "--image-size", "32", "--recipe", "supervised",
                       "--max-steps", "4", "--resume", "latest")) == 0
+    old = out / "checkpoints" / "step_00000003"  # records folder:photos; config.yaml now the absolute path
+    assert json.loads((old / "trainer_state.json").read_text())["fingerprint"]["dataset"] == "folder:photos"
+    assert evaluate_main([str(old), "--cpu", "--out", str(tmp_path / "old")]) == 0

@@ -3,6 +3,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,8 @@ from PIL import Image
 from sgan import config as sgan_config
 from sgan.config import parse_config
 from sgan.losses import FORMULATIONS
-from sgan.study import Cell, cell_state, default_recipe_specs, last_line, main, parse_args, parse_recipes, run_cell
+from sgan.study import (Cell, aggregate, cell_state, collect, default_recipe_specs, last_line, main, parse_args,
+                        parse_recipes, run_cell)
 from sgan.train import train
 
 from launch_helpers import REPO
@@ -151,6 +153,23 @@ def test_runs_without_a_test_split_show_their_validation_error(tmp_path, capsys)
     pets = next(c for c in cells if c["dataset"] == "folder:/data/pets")
     assert pets["test_error_mean"] is None and pets["val_error_mean"] == pytest.approx(0.3)
     assert (tmp_path / "accuracy_vs_labels.png").is_file()  # of the runs that have a test score
+    shutil.rmtree(Cell("mnist", "20", "supervised", None, 0).directory(tmp_path))
+    assert main(["--study-dir", str(tmp_path), "--aggregate-only"]) == 0
+    assert not (tmp_path / "accuracy_vs_labels.png").exists()  # no run has a test score: no plot, no stale one
+
+
+def test_runs_that_recorded_a_relative_folder_share_a_cell_with_later_ones(tmp_path, monkeypatch):
+    """Runs before data.absolute_spec recorded folder:photos as typed; later ones record the absolute path."""
+    monkeypatch.chdir(tmp_path)
+    cell = Cell("folder:photos", "12", "supervised", None, 0)
+    fake_run(tmp_path, cell, 0.2)
+    later = Cell(cell.dataset, "12", "supervised", None, 1)
+    fake_run(tmp_path, later, 0.4)
+    metrics = json.loads((later.directory(tmp_path) / "metrics.json").read_text())
+    metrics["dataset"] = f"folder:{tmp_path / 'photos'}"
+    (later.directory(tmp_path) / "metrics.json").write_text(json.dumps(metrics))
+    (cell_,) = aggregate(collect(tmp_path))
+    assert cell_["n"] == 2 and cell_["dataset"] == f"folder:{tmp_path / 'photos'}"
 
 
 def test_a_metrics_json_of_the_wrong_shape_is_skipped_and_run_again(tmp_path, capsys):
