@@ -33,6 +33,7 @@ from .batches import StepBatches
 from .config import LAUNCHED_AS, TrainConfig, parse_config
 from .data import (DataError, absolute_spec, as_tensor, is_builtin, open_source, parse_num_labels, split_labeled_pool,
                    to_model_scale)
+from .evaluate import recorded
 from .images import ImageError, ImageSource
 from .losses import class_logits
 from .models import build_discriminator, build_generator, check_feature_layer
@@ -79,8 +80,8 @@ def train(config: TrainConfig, source: ImageSource | None = None) -> dict:
         nets = build_networks(config, data, accelerator)
         settings = step_settings(config, ops.resolve_backend(config.loss_backend, device))
         progress = resume(config, accelerator, nets, data, schedule)
-        finished = finished_metrics(output_dir) if progress.start_step == schedule.total_steps else None
-        if finished is not None:
+        finished = recorded(output_dir / "metrics.json") if progress.start_step == schedule.total_steps else {}
+        if finished:  # a damaged metrics.json is written again by the final evaluation below
             accelerator.print(f"sgan: the run in {output_dir} has finished its {schedule.total_steps} steps already; "
                               "nothing to do (raise --epochs or --max-steps to train on)")
             return finished
@@ -409,16 +410,6 @@ def continue_how(output_dir: Path, world_size: int, from_python: bool) -> str:
         return "Continue with train(replace(config, resume='latest'), source), with the same source"
     launch = f" (launched as before, with {world_size} processes)" if world_size > 1 else ""
     return f"Continue with {continue_flags(output_dir)}{launch}"
-
-
-def finished_metrics(output_dir: Path) -> dict | None:
-    """A finished run's metrics.json; None when it is missing or damaged, so that the run evaluates again and
-    writes it."""
-    try:
-        metrics = json.loads((output_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return metrics if isinstance(metrics, dict) else None
 
 
 def holds_run(output_dir: Path) -> bool:
