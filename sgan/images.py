@@ -783,10 +783,12 @@ def from_arrays(x_labeled, y_labeled, x_unlabeled=None, x_val=None, y_val=None, 
 
 
 def _parse_spec(spec) -> tuple[str, str]:
-    kind, _, path = str(spec).partition(":")
-    if kind not in ("folder", "npz") or not path:
+    from .data import own_images_path  # the one parser of folder:/npz: specs (sgan.data imports this module)
+
+    own = own_images_path(str(spec))
+    if own is None or not own[1].strip():
         raise ImageError(f"unknown source {spec!r}: give folder:PATH (a folder with labeled/<class>/) or npz:FILE")
-    return kind, path
+    return own
 
 
 # ---------------------------------------------------------------- describe (python -m sgan.data inspect SOURCE)

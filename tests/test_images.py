@@ -552,3 +552,10 @@ def test_describe_npz_and_unknown_source(tmp_path):
     assert "labeled           6 images  0: 2, 1: 2, 2: 2" in text and "val        none" in text
     with pytest.raises(ImageError, match="give folder:PATH"):
         describe(str(tmp_path))
+
+
+def test_describe_expands_a_home_path(tmp_path, monkeypatch):
+    """folder:~/x reached describe unexpanded (no shell expands it after the colon), unlike training."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    make_folder(tmp_path / "pets", test=True)
+    assert "labeled           5 images  cat: 3, dog: 2" in describe("folder:~/pets")
