@@ -206,3 +206,32 @@ def test_paper_report_puts_salimans_beside_its_baseline_with_each_runs_time_to_a
         "runs_reaching"] == 1
     with pytest.raises(SystemExit, match="no finished runs"):
         paper.main(["--study-dir", str(tmp_path / "empty"), "--report-only", "--labels", "mnist=100"])
+
+
+def test_lost_mode_draws_the_runs_labeled_and_misread_images(tmp_path, mnist_root, capsys):
+    """benchmarks/lost_mode.py: its count is the classifier's own, and its rows are the run's labeled images."""
+    import numpy as np
+    from PIL import Image
+
+    import sgan
+    from sgan.config import parse_config
+    from sgan.data import read_builtin_split
+    from sgan.train import train
+
+    run = tmp_path / "run"
+    train(parse_config(["--tracker", "none", "--cpu", "--output-dir", str(run), "--data-root", str(mnist_root),
+                        "--recipe", "supervised", "--max-steps", "3", "--batch-size", "20"]))
+    spec = importlib.util.spec_from_file_location("lost_mode", SCRIPT.parent / "lost_mode.py")
+    lost_mode = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lost_mode)
+    assert lost_mode.main([str(run), "7", "2", str(tmp_path / "m.png"), "--data-root", str(mnist_root)]) == 0
+
+    x_test, y_test = read_builtin_split("mnist", train=False, root=mnist_root)
+    predicted = torch.tensor([int(c) for c in sgan.load_classifier(run).predict(x_test)])
+    assert f"test 7s called 2: {int(((y_test == 7) & (predicted == 2)).sum())} of 1028" in capsys.readouterr().out
+    picture = np.asarray(Image.open(tmp_path / "m.png"))
+    assert picture.shape == (5 * 30 * 3, 170 + 20 * 30 * 3)
+    x_train, y_train = read_builtin_split("mnist", train=True, root=mnist_root)
+    labeled = torch.tensor(json.loads((run / "labeled_indices.json").read_text())["indices"])
+    first_seven = x_train[labeled][y_train[labeled] == 7][0, 0].numpy()
+    assert np.array_equal(picture[3:3 + 28 * 3:3, 170 + 3:170 + 3 + 28 * 3:3], first_seven)  # row 1, tile 1
