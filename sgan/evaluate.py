@@ -454,8 +454,7 @@ def evaluate(path: Path, out: Path | None = None, data_root: str | None = None, 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sgan.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("path", metavar="PATH",
-                        help="a run's output dir, or a checkpoint folder OUTPUT_DIR/checkpoints/step_*")
+    parser.add_argument("path", metavar="PATH", help=RUN_HELP)
     parser.add_argument("--dataset", metavar="SOURCE", default=None,
                         help="score the run on another labeled source with the same classes (a built-in dataset, "
                         "folder:PATH or npz:FILE; images fitted to the run's size and channels); default: the run's "
@@ -468,6 +467,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="where to write evaluation.json and the PNGs (default: PATH)")
     add_inference_arguments(parser, batch_size=1000)
     parser.add_argument("--cpu", action="store_true", help="same as --device cpu")
+    return parser
+
+
+RUN_HELP = "a run's output dir, or a checkpoint folder OUTPUT_DIR/checkpoints/step_*"
+
+
+def run_tool_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of a tool whose first argument is a run (predict, export)."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", metavar="RUN", help=RUN_HELP)
     return parser
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .data import to_model_scale
-from .evaluate import BAD_INPUT
+from .evaluate import BAD_INPUT, run_tool_parser
 
 METADATA = "sgan.json"  # the extra file of the .pt2 that names the classes
 MAX_BATCH = 1 << 20  # the batch dimension's upper bound (torch.export needs one; any real batch is below it)
@@ -90,10 +90,7 @@ def export(run, output, device: str = "cpu") -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sgan.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", metavar="RUN", help="a run's output dir, or a checkpoint folder "
-                        "OUTPUT_DIR/checkpoints/step_*")
+    parser = run_tool_parser("python -m sgan.export", __doc__)
     parser.add_argument("--output", required=True, help="the file to write, e.g. model.pt2")
     parser.add_argument("--device", default="cpu", help="the device the program runs on (default: cpu; a program "
                         "exported on cuda runs on cuda)")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .evaluate import BAD_INPUT, EvaluationError, add_inference_arguments, parse_inference_args
+from .evaluate import BAD_INPUT, EvaluationError, add_inference_arguments, parse_inference_args, run_tool_parser
 from .images import EXTENSIONS, load_images
 
 
@@ -92,10 +92,7 @@ def _classify(classifier, batch, top_k: int, writer, errors: list) -> Counter:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sgan.predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", metavar="RUN", help="a run's output dir, or a checkpoint folder "
-                        "OUTPUT_DIR/checkpoints/step_*")
+    parser = run_tool_parser("python -m sgan.predict", __doc__)
     parser.add_argument("paths", metavar="PATH", nargs="+", help="image files, or folders searched recursively")
     parser.add_argument("--output", required=True, help="the CSV file to write (unreadable files go to "
                         "OUTPUT.errors.csv beside it)")
