@@ -87,12 +87,7 @@ def train(config: TrainConfig, source: ImageSource | None = None) -> dict:
             return finished
 
         if accelerator.is_main_process:
-            (output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-            (output_dir / "labeled_indices.json").write_text(json.dumps(
-                {"dataset": data.source.name, "seed": config.seed, "num_labels": len(data.labeled_indices),
-                 "class_names": list(data.source.class_names), "labeled_per_class": data.labeled_per_class(),
-                 "indices": data.labeled_indices.tolist(), "validation_indices": data.validation_indices.tolist()}))
-            write_skipped(data.source.skipped, output_dir)
+            write_run_record(config, data, output_dir)
         tracking = start_tracker(accelerator, config, output_dir)
         accelerator.print(
             f"sgan: {config.recipe} recipe, {config.formulation}, {config.dataset} with {len(data.labeled_indices)} "
@@ -410,6 +405,16 @@ def continue_how(output_dir: Path, world_size: int, from_python: bool) -> str:
         return "Continue with train(replace(config, resume='latest'), source), with the same source"
     launch = f" (launched as before, with {world_size} processes)" if world_size > 1 else ""
     return f"Continue with {continue_flags(output_dir)}{launch}"
+
+
+def write_run_record(config: TrainConfig, data: "RunData", output_dir: Path) -> None:
+    """config.yaml (what the continue command reads), labeled_indices.json and skipped_files.csv."""
+    (output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    (output_dir / "labeled_indices.json").write_text(json.dumps(
+        {"dataset": data.source.name, "seed": config.seed, "num_labels": len(data.labeled_indices),
+         "class_names": list(data.source.class_names), "labeled_per_class": data.labeled_per_class(),
+         "indices": data.labeled_indices.tolist(), "validation_indices": data.validation_indices.tolist()}))
+    write_skipped(data.source.skipped, output_dir)
 
 
 def holds_run(output_dir: Path) -> bool:
