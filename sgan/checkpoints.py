@@ -19,6 +19,17 @@ import torch
 from .data import absolute_spec
 
 STATE_FILE = "trainer_state.json"
+
+
+def read_json_object(file: Path) -> dict:
+    """A JSON object sgan wrote (trainer_state.json, metrics.json, labeled_indices.json). OSError when it
+    cannot be read, ValueError when it is not JSON or not an object: callers decide what a bad file means."""
+    values = json.loads(file.read_text())
+    if not isinstance(values, dict):
+        raise ValueError(f"a JSON {type(values).__name__}, not the object sgan writes")
+    return values
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt or from a different run; the message says which and what to do."""
 
@@ -98,7 +109,7 @@ def read_state(path: Path, expected_fingerprint: dict, defaults: dict | None = N
     A setting missing from an older checkpoint's fingerprint counts as its default in `defaults`: settings are
     added with a default that keeps what runs did before them."""
     try:
-        state = json.loads((path / STATE_FILE).read_text())
+        state = read_json_object(path / STATE_FILE)
         step, theirs = int(state["step"]), dict(state["fingerprint"])
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CorruptCheckpoint(f"{path / STATE_FILE}: corrupt trainer state ({error}); resume from another "

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoints import STATE_FILE, comparable
+from .checkpoints import STATE_FILE, comparable, read_json_object
 from .config import TrainConfig, load_yaml_config
 from .data import (DATASETS, DEFAULT_IMAGE_SIZE, DataError, as_tensor, is_builtin, open_source, own_images_path,
                    to_model_scale)
@@ -114,10 +114,9 @@ def recorded(file: Path) -> dict:
     """What a run's JSON file records, or {} when it is missing or unreadable: the weights loaded fine, so a
     missing note is no failure."""
     try:
-        values = json.loads(file.read_text())
+        return read_json_object(file)
     except (OSError, ValueError):
         return {}
-    return values if isinstance(values, dict) else {}
 
 
 def number(value):
@@ -128,14 +127,10 @@ def number(value):
 def read_json(file: Path, what: str) -> dict:
     """A run's JSON file, which sgan writes as an object; anything else is a damaged file."""
     try:
-        values = json.loads(file.read_text())
+        return read_json_object(file)
     except (OSError, ValueError) as error:
         raise EvaluationError(f"{file}: cannot read {what} ({error}); the run's files are incomplete or damaged: "
                               "evaluate another checkpoint, or the finished run") from error
-    if not isinstance(values, dict):
-        raise EvaluationError(f"{file}: holds a JSON {type(values).__name__}, not the object sgan writes, so "
-                              f"{what} is damaged: evaluate another checkpoint, or the finished run")
-    return values
 
 
 def checked_record(file: Path, dataset, class_names, image_shape, settings) -> Record:

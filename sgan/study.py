@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import config as sgan_config
-from .checkpoints import complete_checkpoints
+from .checkpoints import complete_checkpoints, read_json_object
 from .data import DATASETS, absolute_spec, check_dataset, dataset_info, is_builtin, parse_num_labels
 from .images import usable_cores
 from .losses import FORMULATIONS
@@ -182,18 +182,10 @@ def check_cell_flags(cell: Cell, flags: list[str]) -> None:
                          f"{message} (its flags: {shlex.join(flags)})") from None
 
 
-def read_metrics(path: Path) -> dict:
-    """A run's metrics.json; OSError or ValueError when it is missing, not JSON or not a run's record."""
-    metrics = json.loads(path.read_text())
-    if not isinstance(metrics, dict):
-        raise ValueError(f"a JSON {type(metrics).__name__}, not the object a run writes")
-    return metrics
-
-
 def cell_state(directory: Path) -> str:
     """'done' (a readable metrics.json), 'resume' (interrupted after a checkpoint) or 'new'."""
     try:
-        read_metrics(directory / "metrics.json")
+        read_json_object(directory / "metrics.json")
         return "done"
     except (OSError, ValueError):
         pass
@@ -285,7 +277,7 @@ def collect(study_dir: Path) -> list[dict]:
     records = []
     for path in sorted((study_dir / "runs").glob("*/*/labels-*/seed-*/metrics.json")):
         try:
-            metrics = read_metrics(path)
+            metrics = read_json_object(path)
             record = {key: metrics[key] for key in ("dataset", "recipe", "formulation", "num_labels", "seed",
                                                     "test_accuracy", "test_error", "steps", "epochs")}
             record["val_accuracy"] = metrics.get("val_accuracy")
@@ -560,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue  # not started: the study is stopping
                 ran += 1
                 if code == 0 and state == "done":
-                    metrics = read_metrics(directory / "metrics.json")
+                    metrics = read_json_object(directory / "metrics.json")
                     if metrics["test_error"] is not None:
                         score = f"test error {100 * metrics['test_error']:.2f}%"
                     elif metrics.get("val_accuracy") is not None:

@@ -179,7 +179,7 @@ def test_a_metrics_json_of_the_wrong_shape_is_skipped_and_run_again(tmp_path, ca
     (wrong / "metrics.json").write_text("[1]")
     assert main(["--study-dir", str(tmp_path), "--aggregate-only"]) == 0
     err = capsys.readouterr().err
-    assert f"skipping {wrong / 'metrics.json'}: unreadable (a JSON list, not the object a run writes)" in err
+    assert f"skipping {wrong / 'metrics.json'}: unreadable (a JSON list, not the object sgan writes)" in err
     assert "(n=1," in (tmp_path / "results.md").read_text()
     assert cell_state(wrong) == "new"  # not a finished run: the study runs it again
 
