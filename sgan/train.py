@@ -9,6 +9,7 @@ sgan/steps.py), with evaluation each epoch, checkpoints, and outputs at the end.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -16,6 +17,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -52,7 +54,9 @@ def train(config: TrainConfig, source: ImageSource | None = None) -> dict:
     step (while loading data), it raises KeyboardInterrupt (the signal's name as its argument). Raises
     ValueError, DataError, CheckpointError or FloatingPointError (a non-finite loss) with a message that says
     what to fix."""
-    with StopRequest() as stop:  # until stop.arm(), a signal ends the run at once: nothing of it is written yet
+    # Until stop.arm(), a signal ends the run at once: nothing of it is written yet. `held` keeps the folder's
+    # lock (claim_output_dir) until train() returns or raises.
+    with StopRequest() as stop, contextlib.ExitStack() as held:
         if source is not None:  # config.yaml records what the run trained on, not --dataset's unused default
             config = replace(config, dataset=source.name)
         config = replace(config, output_dir=os.path.expanduser(config.output_dir),  # --output-dir=~/runs: no shell
@@ -68,7 +72,7 @@ def train(config: TrainConfig, source: ImageSource | None = None) -> dict:
         if config.recipe == "salimans":
             check_feature_layer(config.network_spec(data.source.image_shape, len(data.source.class_names)),
                                 config.feature_layer)
-        claim_output_dir(config, output_dir, accelerator)
+        held.enter_context(claim_output_dir(config, output_dir, accelerator))
         # From here a signal is a request the loop honours after its next step (a checkpoint, then a clean exit):
         # the folder is claimed, and config.yaml, which the continue command reads, must be written whole.
         stop.arm()
@@ -388,6 +392,7 @@ def resume(config: TrainConfig, accelerator, nets: Networks, data: RunData, sche
     return progress
 
 
+LOCK_FILE = ".sgan-lock"  # held by the process training in a folder (fcntl.flock; released when it exits)
 RUN_OUTPUTS = ("checkpoints", "model", "wandb", "sgan", "config.yaml", "labeled_indices.json", "metrics.json",
                "samples.png", "skipped_files.csv")  # what a run writes into --output-dir (sgan/: TensorBoard's folder)
 
@@ -423,10 +428,12 @@ def holds_run(output_dir: Path) -> bool:
             or bool(checkpoints.complete_checkpoints(output_dir)))
 
 
-def claim_output_dir(config: TrainConfig, output_dir: Path, accelerator) -> None:
+def claim_output_dir(config: TrainConfig, output_dir: Path, accelerator):
     """--output-dir must be a writable folder (made if missing) that holds no other run, unless the run resumes
     it (--resume) or replaces it (--overwrite deletes the old run's outputs, and nothing else). Files of a
-    run's names that no run wrote (a user's model/ or config.yaml, the sgan/ package) are never deleted."""
+    run's names that no run wrote (a user's model/ or config.yaml, the sgan/ package) are never deleted.
+    Returns the folder's lock, held until the caller closes it (on the main process; a no-op elsewhere): no
+    second process trains in the folder meanwhile."""
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"--output-dir {output_dir} is a file, not a folder: choose another --output-dir")
     found = [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
@@ -449,18 +456,46 @@ def claim_output_dir(config: TrainConfig, output_dir: Path, accelerator) -> None
                          "--output-dir, or add --overwrite to replace that run")
     accelerator.wait_for_everyone()  # every process has checked the folder before the main one deletes from it
     if not accelerator.is_main_process:
-        return
+        return contextlib.nullcontext()
+    lock = contextlib.ExitStack()
     try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        lock.enter_context(lock_folder(output_dir))
         if found and (not config.resume or branch):
             for name in found:
                 target = output_dir / name
                 shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
-        output_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=output_dir):  # writable? (an existing read-only folder is not)
             pass
     except OSError as error:
+        lock.close()
         raise ValueError(f"--output-dir {output_dir}: cannot write there ({error.strerror or error}): choose a "
                          "folder you can write to") from error
+    return lock
+
+
+def lock_folder(output_dir: Path):
+    """An open OUTPUT_DIR/.sgan-lock that this process holds an exclusive lock on, or a ValueError naming the
+    process that holds it: two runs in one folder (the same command in a second terminal, two studies of one
+    folder) would write over each other's checkpoints. Where fcntl is missing (Windows), no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        return contextlib.nullcontext()
+    handle = open(output_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ValueError(f"--output-dir {output_dir}: {holder} is training there now: wait for it to finish, "
+                         "stop it (it checkpoints; then continue with --resume latest), or choose another "
+                         "--output-dir") from None
+    handle.truncate(0)
+    handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
 
 
 def learning_rate(config: TrainConfig, step: int, schedule_steps: int) -> float:

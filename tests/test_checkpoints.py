@@ -311,6 +311,29 @@ def test_a_new_run_into_a_run_folder_is_refused_or_overwritten(tmp_path, mnist_r
     assert (out / "notes.txt").read_text() == "mine"  # only a run's own outputs are deleted
 
 
+def test_a_folder_another_process_trains_in_is_refused(tmp_path, mnist_root, capsys):
+    """Two runs in one folder (the same command in a second terminal, or with --overwrite) wrote over each
+    other's checkpoints; the folder's lock refuses the second, and is free again once a run ends."""
+    import fcntl
+    out = tmp_path / "run"
+    train(parse_config(flags(out, mnist_root, "--max-steps", "2", "--recipe", "supervised")))
+    before = sorted(p.name for p in out.iterdir()), sorted(p.name for p in (out / "checkpoints").iterdir())
+    with open(out / ".sgan-lock", "a+") as other:  # as another process holds it (flock is per open file)
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: the run above released it when it returned
+        other.truncate(0)
+        other.write("process 4242 on elsewhere\n")
+        other.flush()
+        for extra in (["--resume", "latest"], ["--overwrite"]):
+            assert main(flags(out, mnist_root, "--max-steps", "4", "--recipe", "supervised", *extra)) == 1
+            err = capsys.readouterr().err
+            assert "process 4242 on elsewhere is training there now" in err and "--resume latest" in err
+            assert (sorted(p.name for p in out.iterdir()),
+                    sorted(p.name for p in (out / "checkpoints").iterdir())) == before  # nothing deleted
+    metrics = train(parse_config(flags(out, mnist_root, "--max-steps", "4", "--recipe", "supervised", "--resume",
+                                       "latest")))
+    assert metrics["steps"] == 4 and metrics["resumed_from"].endswith("step_00000002")
+
+
 def test_files_of_a_runs_names_in_a_folder_without_a_run_are_never_deleted(tmp_path, mnist_root, capsys):
     """A user's model/ and config.yaml (or the sgan/ package, with --output-dir . in the repo) made the folder
     "a run already", and --overwrite, which the message suggested, deleted them."""
