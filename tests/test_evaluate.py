@@ -204,14 +204,14 @@ def without_names(state):
 
 
 @pytest.mark.parametrize("damage, name, message", [
-    (lambda run, state: state.write_text("[]"), "trainer_state.json", "holds a JSON list, not the object"),
+    (lambda run, state: state.write_text("[]"), "trainer_state.json", "(a JSON list, not the object sgan writes)"),
     (lambda run, state: edit_json(state, lambda s: {**s, "fingerprint": "x"}), "trainer_state.json", "is damaged"),
     (lambda run, state: edit_json(state, lambda s: {**s, "class_names": [1, 2]}), "trainer_state.json",
      "class_names [1, 2] are not two or more different names"),
     (lambda run, state: edit_json(state, lambda s: {**s, "image_shape": "1x28x28"}), "trainer_state.json",
      "image_shape '1x28x28' is not"),
     (lambda run, state: edit_json(state, without_names) or (run / "labeled_indices.json").write_text("[1, 2]"),
-     "labeled_indices.json", "holds a JSON list"),
+     "labeled_indices.json", "(a JSON list, not the object sgan writes)"),
     (lambda run, state: edit_json(state, without_names) or edit_json(run / "labeled_indices.json", without_names),
      "trainer_state.json", "class_names None are not"),
 ])
