@@ -5,20 +5,30 @@ safetensors, optimizer and RNG states loaded with torch.load(weights_only=True))
 the step, the run's fingerprint and its history so far. Nothing in it executes code when loaded. Because
 batches and noise are a function of (seed, step, rank) (sgan/batches.py), restoring the step restores the
 data position too, mid-epoch included.
+
+The run folder's lock is here too (lock_folder, lock_holder): one process trains in a folder at a time.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import torch
 
 from .data import absolute_spec
 
+try:
+    import fcntl  # the run folder's lock; not on Windows, where runs take no lock
+except ImportError:
+    fcntl = None
+
 STATE_FILE = "trainer_state.json"
+LOCK_FILE = ".sgan-lock"  # held by the process training in a folder (fcntl.flock; released when it exits)
 
 
 def read_json_object(file: Path) -> dict:
@@ -28,6 +38,44 @@ def read_json_object(file: Path) -> dict:
     if not isinstance(values, dict):
         raise ValueError(f"a JSON {type(values).__name__}, not the object sgan writes")
     return values
+
+
+def lock_folder(output_dir: Path):
+    """An open OUTPUT_DIR/.sgan-lock that this process holds an exclusive lock on, or a ValueError naming the
+    process that holds it: two runs in one folder (the same command in a second terminal, two studies of one
+    folder) would write over each other's checkpoints. Where fcntl is missing (Windows), no lock."""
+    if fcntl is None:
+        return contextlib.nullcontext()
+    handle = open(output_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ValueError(f"--output-dir {output_dir}: {holder} is training there now: wait for it to finish, "
+                         "stop it (it checkpoints; then continue with --resume latest), or choose another "
+                         "--output-dir") from None
+    handle.truncate(0)
+    handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
+
+
+def lock_holder(output_dir: Path) -> str | None:
+    """Who holds OUTPUT_DIR's lock ("process N on HOST"), or None when no process trains there now."""
+    if fcntl is None:
+        return None
+    try:
+        handle = open(output_dir / LOCK_FILE)
+    except OSError:
+        return None  # no lock file: no run has trained there since locks came in
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return handle.read().strip() or "another process"
+        return None  # closing the file releases the lock just taken
 
 
 class CheckpointError(RuntimeError):

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import config as sgan_config
-from .checkpoints import complete_checkpoints, read_json_object
+from .checkpoints import complete_checkpoints, lock_holder, read_json_object
 from .data import DATASETS, absolute_spec, check_dataset, dataset_info, is_builtin, parse_num_labels
 from .images import usable_cores
 from .losses import FORMULATIONS
@@ -180,6 +180,12 @@ def check_cell_flags(cell: Cell, flags: list[str]) -> None:
         message = stderr.getvalue().strip().rpartition("error: ")[2] or "invalid flags"
         raise ValueError(f"train would refuse the run {cell.variant}/labels-{cell.num_labels}/seed-{cell.seed}: "
                          f"{message} (its flags: {shlex.join(flags)})") from None
+
+
+def cell_flags(state: str) -> list[str]:
+    """How a cell's run starts: an interrupted one resumes; a new cell's folder may hold a run that failed
+    before its first checkpoint, so it starts again."""
+    return ["--resume", "latest"] if state == "resume" else ["--overwrite"]
 
 
 def cell_state(directory: Path) -> str:
@@ -500,25 +506,30 @@ def main(argv: list[str] | None = None) -> int:
     states = [cell_state(cell.directory(study_dir)) for cell in plan]
     print(f"sgan.study: {len(plan)} runs under {study_dir / 'runs'}: {states.count('done')} done, "
           f"{states.count('resume')} to resume, {states.count('new')} to start")
-    failed, ran, todo = [], 0, []
+    failed, ran, todo, busy = [], 0, [], []
     for i, (cell, state) in enumerate(zip(plan, states), 1):
         directory = cell.directory(study_dir)
         command = [sys.executable, "-m", "sgan.train", *cell.train_flags(study_dir, args.epochs, args.max_steps, extra)]
-        # a new cell's folder may hold a run that failed before its first checkpoint: start it again
-        command += ["--resume", "latest"] if state == "resume" else ["--overwrite"]
         prefix = f"[{i}/{len(plan)}] {directory.relative_to(study_dir)}"
         if args.dry_run:
-            print(f"{prefix}: {state}" + ("" if state == "done" else f"\n    {shlex.join(command)}"))
+            print(f"{prefix}: {state}" + ("" if state == "done" else f"\n    {shlex.join(command + cell_flags(state))}"))
         elif state == "done":
             print(f"{prefix}: done, skipped")
         else:
-            todo.append((prefix, directory, command, state))
+            todo.append((prefix, directory, command))
     threads = max(1, usable_cores() // args.jobs) if args.jobs > 1 else None  # the cores we may use (taskset)
 
-    def run(prefix, directory, command, state):
+    def run(prefix, directory, command):
         """(exit code or None if not started, the cell's state afterwards, seconds)."""
         if _stopping.is_set():
-            return None, state, 0.0
+            return None, None, 0.0
+        # The cell as it is now, not at the plan: another study of the folder may have trained or be training
+        # it (a new cell's --overwrite would delete that run's finished outputs).
+        holder, state = lock_holder(directory), cell_state(directory)
+        if holder or state == "done":
+            say(f"{prefix}: {f'{holder} is training it now' if holder else 'finished by another process'}, skipped")
+            return None, "busy" if holder else "done", 0.0
+        command = command + cell_flags(state)
         action = f"resuming from {complete_checkpoints(directory)[-1].name}" if state == "resume" else "running"
         say(f"{prefix}: {action} (log: {directory / 'train.log'})")
         start = time.perf_counter()
@@ -548,8 +559,10 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 prefix, directory = futures[future][:2]
                 code, state, seconds = future.result()
+                if state == "busy":
+                    busy.append(directory)
                 if code is None:
-                    continue  # not started: the study is stopping
+                    continue  # not started: the study is stopping, or another process has the cell
                 ran += 1
                 if code == 0 and state == "done":
                     metrics = read_json_object(directory / "metrics.json")
@@ -599,10 +612,13 @@ def main(argv: list[str] | None = None) -> int:
               + "\nRun the same command again to resume", file=sys.stderr)
         return 130
     cells = write_results(study_dir)
-    print(f"sgan.study: ran {ran}, skipped {states.count('done')}, failed {len(failed)}"
-          + (f"; results in {study_dir / 'results.md'}" if cells else ""))
+    print(f"sgan.study: ran {ran}, skipped {len(plan) - ran - len(busy)}, failed {len(failed)}"
+          + (f", busy {len(busy)}" if busy else "") + (f"; results in {study_dir / 'results.md'}" if cells else ""))
     for directory in failed:
         print(f"    failed: {directory} (see train.log there; run the same command again to retry)")
+    for directory in busy:
+        print(f"    busy: {directory} (another process is training it; run the same command again once it ends "
+              "to see it in the results)")
     return 1 if failed else 0
 
 

@@ -17,7 +17,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -392,7 +391,6 @@ def resume(config: TrainConfig, accelerator, nets: Networks, data: RunData, sche
     return progress
 
 
-LOCK_FILE = ".sgan-lock"  # held by the process training in a folder (fcntl.flock; released when it exits)
 RUN_OUTPUTS = ("checkpoints", "model", "wandb", "sgan", "config.yaml", "labeled_indices.json", "metrics.json",
                "samples.png", "skipped_files.csv")  # what a run writes into --output-dir (sgan/: TensorBoard's folder)
 
@@ -460,7 +458,7 @@ def claim_output_dir(config: TrainConfig, output_dir: Path, accelerator):
     lock = contextlib.ExitStack()
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        lock.enter_context(lock_folder(output_dir))
+        lock.enter_context(checkpoints.lock_folder(output_dir))
         if found and (not config.resume or branch):
             for name in found:
                 target = output_dir / name
@@ -472,30 +470,6 @@ def claim_output_dir(config: TrainConfig, output_dir: Path, accelerator):
         raise ValueError(f"--output-dir {output_dir}: cannot write there ({error.strerror or error}): choose a "
                          "folder you can write to") from error
     return lock
-
-
-def lock_folder(output_dir: Path):
-    """An open OUTPUT_DIR/.sgan-lock that this process holds an exclusive lock on, or a ValueError naming the
-    process that holds it: two runs in one folder (the same command in a second terminal, two studies of one
-    folder) would write over each other's checkpoints. Where fcntl is missing (Windows), no lock."""
-    try:
-        import fcntl
-    except ImportError:
-        return contextlib.nullcontext()
-    handle = open(output_dir / LOCK_FILE, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise ValueError(f"--output-dir {output_dir}: {holder} is training there now: wait for it to finish, "
-                         "stop it (it checkpoints; then continue with --resume latest), or choose another "
-                         "--output-dir") from None
-    handle.truncate(0)
-    handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
-    handle.flush()
-    return handle
 
 
 def learning_rate(config: TrainConfig, step: int, schedule_steps: int) -> float:

@@ -232,6 +232,31 @@ def test_study_resumes_and_skips_finished_runs(tmp_path, mnist_root):
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
 
 
+def test_a_cell_another_process_trains_is_skipped_as_busy(tmp_path, mnist_root):
+    """Two studies of one folder: a cell the other one trains now is skipped (its lock is held), not run a
+    second time over it (a new cell's --overwrite deleted the other's outputs); the next study resumes it."""
+    import fcntl
+    busy = Cell("mnist", "20", "supervised", None, 0).directory(tmp_path)
+    train(parse_config(["--recipe", "supervised", "--num-labels", "20", "--seed", "0", "--output-dir", str(busy),
+                        "--max-steps", "1", "--batch-size", "20", "--tracker", "none", "--cpu", "--data-root",
+                        str(mnist_root)]))
+    (busy / "metrics.json").unlink()  # stopped at step 1: the other study would resume it
+    with open(busy / ".sgan-lock", "a+") as other:  # as another process holds it (flock is per open file)
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.truncate(0)
+        other.write("process 4242 on elsewhere\n")
+        other.flush()
+        first = study(tmp_path, mnist_root, "mnist=20", "odena:k-logit,supervised")
+        assert first.returncode == 0, first.stdout + first.stderr[-3000:]
+        assert "process 4242 on elsewhere is training it now, skipped" in first.stdout
+        assert "ran 1, skipped 0, failed 0, busy 1" in first.stdout and f"busy: {busy}" in first.stdout
+        assert not (busy / "metrics.json").exists() and (busy / "checkpoints" / "step_00000001").is_dir()
+    second = study(tmp_path, mnist_root, "mnist=20", "odena:k-logit,supervised")
+    assert second.returncode == 0, second.stdout + second.stderr[-3000:]
+    assert "resuming from step_00000001" in second.stdout and "ran 1, skipped 1, failed 0" in second.stdout
+    assert json.loads((busy / "metrics.json").read_text())["resumed_from"].endswith("step_00000001")
+
+
 def test_a_failing_run_is_reported_and_the_study_goes_on(tmp_path, mnist_root):
     # 60000: more than the smallest class allows. --jobs 2: both runs at once, one thread each
     result = study(tmp_path, mnist_root, "mnist=60000,20", "supervised", "--jobs", "2")
