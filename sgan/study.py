@@ -492,21 +492,23 @@ def parse_args(argv: list[str] | None = None):
     return args, plan, extra
 
 
-def main(argv: list[str] | None = None) -> int:
-    args, plan, extra = parse_args(argv)
-    study_dir = args.study_dir
-    if args.aggregate_only:
-        cells = write_results(study_dir)
-        if not cells:
-            print(f"error: no finished runs (metrics.json) under {study_dir / 'runs'}", file=sys.stderr)
-            return 1
-        print((study_dir / "results.md").read_text())
-        return 0
+def print_results(study_dir: Path) -> int:
+    """--aggregate-only: write and print the tables of every finished run."""
+    if not write_results(study_dir):
+        print(f"error: no finished runs (metrics.json) under {study_dir / 'runs'}", file=sys.stderr)
+        return 1
+    print((study_dir / "results.md").read_text())
+    return 0
 
+
+def plan_cells(args, plan: list[Cell], extra: list[str]) -> list[tuple[str, Path, list[str]]]:
+    """Say what each cell of the plan is (done, to resume, to start) and return the ones to run:
+    (prefix, folder, train command without its resume flags, which run_planned adds)."""
+    study_dir = args.study_dir
     states = [cell_state(cell.directory(study_dir)) for cell in plan]
     print(f"sgan.study: {len(plan)} runs under {study_dir / 'runs'}: {states.count('done')} done, "
           f"{states.count('resume')} to resume, {states.count('new')} to start")
-    failed, ran, todo, busy = [], 0, [], []
+    todo = []
     for i, (cell, state) in enumerate(zip(plan, states), 1):
         directory = cell.directory(study_dir)
         command = [sys.executable, "-m", "sgan.train", *cell.train_flags(study_dir, args.epochs, args.max_steps, extra)]
@@ -517,32 +519,52 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{prefix}: done, skipped")
         else:
             todo.append((prefix, directory, command))
-    threads = max(1, usable_cores() // args.jobs) if args.jobs > 1 else None  # the cores we may use (taskset)
+    return todo
 
-    def run(prefix, directory, command):
-        """(exit code or None if not started, the cell's state afterwards, seconds)."""
-        if _stopping.is_set():
-            return None, None, 0.0
-        # The cell as it is now, not at the plan: another study of the folder may have trained or be training
-        # it (a new cell's --overwrite would delete that run's finished outputs).
-        holder, state = lock_holder(directory), cell_state(directory)
-        if holder or state == "done":
-            say(f"{prefix}: {f'{holder} is training it now' if holder else 'finished by another process'}, skipped")
-            return None, "busy" if holder else "done", 0.0
-        command = command + cell_flags(state)
-        action = f"resuming from {complete_checkpoints(directory)[-1].name}" if state == "resume" else "running"
-        say(f"{prefix}: {action} (log: {directory / 'train.log'})")
-        start = time.perf_counter()
-        code = run_cell(command, directory / "train.log", threads)
-        if code is None:
-            return None, state, 0.0
-        state = cell_state(directory)
-        if stopped_by_signal(code, state):
-            _stopping.set()  # here, before this worker takes the next cell
-        return code, state, time.perf_counter() - start
 
+def run_planned(prefix: str, directory: Path, command: list[str], threads: int | None):
+    """Run one planned cell: (exit code or None if not started, the cell's state afterwards, seconds)."""
+    if _stopping.is_set():
+        return None, None, 0.0
+    # The cell as it is now, not at the plan: another study of the folder may have trained or be training
+    # it (a new cell's --overwrite would delete that run's finished outputs).
+    holder, state = lock_holder(directory), cell_state(directory)
+    if holder or state == "done":
+        say(f"{prefix}: {f'{holder} is training it now' if holder else 'finished by another process'}, skipped")
+        return None, "busy" if holder else "done", 0.0
+    command = command + cell_flags(state)
+    action = f"resuming from {complete_checkpoints(directory)[-1].name}" if state == "resume" else "running"
+    say(f"{prefix}: {action} (log: {directory / 'train.log'})")
+    start = time.perf_counter()
+    code = run_cell(command, directory / "train.log", threads)
+    if code is None:
+        return None, state, 0.0
+    state = cell_state(directory)
+    if stopped_by_signal(code, state):
+        _stopping.set()  # here, before this worker takes the next cell
+    return code, state, time.perf_counter() - start
+
+
+def score_of(directory: Path) -> str:
+    """A finished run's score, as the study reports it."""
+    metrics = read_json_object(directory / "metrics.json")
+    if metrics["test_error"] is not None:
+        return f"test error {100 * metrics['test_error']:.2f}%"
+    if metrics.get("val_accuracy") is not None:
+        return f"no test images; val error {100 * (1 - metrics['val_accuracy']):.2f}%"
+    return "no test or validation images to score"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, plan, extra = parse_args(argv)
+    study_dir = args.study_dir
+    if args.aggregate_only:
+        return print_results(study_dir)
+    todo = plan_cells(args, plan, extra)
     if args.dry_run:
         return 0
+    threads = max(1, usable_cores() // args.jobs) if args.jobs > 1 else None  # the cores we may use (taskset)
+    failed, ran, busy = [], 0, []
     _stopping.clear()
     stopped = []  # runs stopped by a signal
     handlers = {}  # the signal handlers to restore
@@ -553,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             for item in todo:
-                futures[pool.submit(run, *item)] = item
+                futures[pool.submit(run_planned, *item, threads)] = item
             for future in as_completed(futures):
                 if future.cancelled():
                     continue
@@ -565,14 +587,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue  # not started: the study is stopping, or another process has the cell
                 ran += 1
                 if code == 0 and state == "done":
-                    metrics = read_json_object(directory / "metrics.json")
-                    if metrics["test_error"] is not None:
-                        score = f"test error {100 * metrics['test_error']:.2f}%"
-                    elif metrics.get("val_accuracy") is not None:
-                        score = f"no test images; val error {100 * (1 - metrics['val_accuracy']):.2f}%"
-                    else:
-                        score = "no test or validation images to score"
-                    say(f"{prefix}: {score} ({seconds:.0f} s)")
+                    say(f"{prefix}: {score_of(directory)} ({seconds:.0f} s)")
                 elif stopped_by_signal(code, state):
                     stopped.append(directory)
                     for other in futures:
