@@ -47,15 +47,12 @@ def lock_folder(output_dir: Path):
     if fcntl is None:
         return contextlib.nullcontext()
     handle = open(output_dir / LOCK_FILE, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
+    holder = take_lock(handle)
+    if holder:
         handle.close()
         raise ValueError(f"--output-dir {output_dir}: {holder} is training there now: wait for it to finish, "
                          "stop it (it checkpoints; then continue with --resume latest), or choose another "
-                         "--output-dir") from None
+                         "--output-dir")
     handle.truncate(0)
     handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
     handle.flush()
@@ -70,12 +67,18 @@ def lock_holder(output_dir: Path) -> str | None:
         handle = open(output_dir / LOCK_FILE)
     except OSError:
         return None  # no lock file: no run has trained there since locks came in
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return handle.read().strip() or "another process"
-        return None  # closing the file releases the lock just taken
+    with handle:  # closing the file releases the lock if take_lock took it
+        return take_lock(handle)
+
+
+def take_lock(handle) -> str | None:
+    """Lock the open lock file without waiting: None once this process holds it, else who does."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        handle.seek(0)
+        return handle.read().strip() or "another process"
 
 
 class CheckpointError(RuntimeError):
