@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from sgan import losses
+from sgan.checkpoints import read_json_object
 
 REPO = Path(__file__).resolve().parent.parent
 FORMULATIONS = losses.FORMULATIONS
@@ -506,11 +507,14 @@ def check_training(ctx: Context, recipe: str) -> dict:
                "--tracker", "none", "--loss-backend", "cuda", "--output-dir", str(output_dir),
                "--data-root", str(data_root(ctx))]
     run = subprocess.run(command, cwd=REPO, env=ctx.subprocess_env(), capture_output=True, text=True, timeout=1800)
-    metrics_file = output_dir / "metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     problems = []
     if run.returncode != 0:
         problems.append(f"exited {run.returncode}")
+    try:
+        metrics = read_json_object(output_dir / "metrics.json")
+    except (OSError, ValueError) as error:  # missing or damaged: a failed check that says so, not a traceback
+        metrics = {}
+        problems.append(f"no readable metrics.json: {error}")
     if metrics.get("loss_backend") != "cuda":
         problems.append(f"metrics.json's loss_backend is {metrics.get('loss_backend')!r}, not 'cuda'")
     if metrics.get("steps") != TRAIN_STEPS:

@@ -201,6 +201,32 @@ def test_training_without_mnist_is_not_run_or_fails_when_required(tmp_path, requ
     assert "MNIST is not prepared" in result["reason"] and "sgan.data prepare --dataset mnist" in result["reason"]
 
 
+@pytest.mark.parametrize("written, problem", [
+    (None, "no readable metrics.json"),
+    ("{not json", "no readable metrics.json"),
+    ('["a list"]', "no readable metrics.json"),
+    ('{"loss_backend": "cpp", "steps": STEPS}', "loss_backend is 'cpp', not 'cuda'"),
+    ('{"loss_backend": "cuda", "steps": STEPS}', None),
+])
+def test_training_check_reads_the_runs_metrics(tmp_path, monkeypatch, written, problem):
+    """A training that wrote no metrics.json, a damaged one, or one from another backend fails with a reason."""
+    def fake_run(command, **kwargs):
+        if written is not None:
+            output_dir = Path(command[command.index("--output-dir") + 1])
+            (output_dir / "metrics.json").write_text(written.replace("STEPS", str(gpu_check.TRAIN_STEPS)))
+        return subprocess.CompletedProcess(command, 0, "", "")
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(gpu_check, "mnist_state", lambda ctx: (True, ""))
+    (tmp_path / "build").mkdir()  # main makes it
+    args = argparse.Namespace(
+        data_root=str(tmp_path / "data"), require_training=True, build_dir=str(tmp_path / "build"), skip="")
+    result = gpu_check.check_training(gpu_check.Context(args), "odena")
+    if problem is None:
+        assert result["status"] == "pass" and result["problems"] == []
+    else:
+        assert result["status"] == "fail" and any(problem in line for line in result["problems"]), result
+
+
 # --- the runner -----------------------------------------------------------------------------------------
 
 
