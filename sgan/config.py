@@ -104,7 +104,11 @@ class TrainConfig:
     feature_layer: int = option(-1, "the D layer whose mean features G matches (salimans recipe): -1 the last "
                                 "hidden layer (the paper's), -2 the one before, and so on", resume="match")
     g_steps: int = option(1, "G updates per D update, each on fresh noise", resume="match")
-    seed: int = option(0, "seed for the labeled subset, initialisation and batches", resume="match")
+    seed: int = option(0, "seed for the labeled subset (unless --label-seed), initialisation and batches",
+                       resume="match")
+    label_seed: int | None = option(None, "seed for which images are labeled and which are held out for "
+                                    "validation (default: --seed). Fix it to vary only initialisation and batches "
+                                    "with --seed: two sources of spread, measured apart", resume="match")
     output_dir: str = option("runs/default", "where the run writes its files", resume="free")
     data_root: str | None = option(None, "data root (default: $SGAN_DATA_ROOT or ./data)", resume="free")
     tracker: str = option("wandb", "experiment tracker (wandb runs offline, under the output dir, when no API key "
@@ -182,6 +186,7 @@ class TrainConfig:
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1"),
             (1 <= self.ddp_timeout <= MAX_DDP_TIMEOUT, "--ddp-timeout must be in [1, 10^9] seconds"),
             (0 <= self.seed < 2**64, "--seed must be in [0, 2^64): torch's generators take 64-bit seeds"),
+            (self.label_seed is None or 0 <= self.label_seed < 2**64, "--label-seed must be in [0, 2^64)"),
             (min(self.latent_dim, self.g_width, self.d_width) >= 1, "--latent-dim, --g-width, --d-width must be >= 1"),
         ]
         for ok, message in checks:
@@ -193,6 +198,10 @@ class TrainConfig:
             if num_labels is not None and num_labels + self.val_size > info.train_size:
                 raise ValueError(f"--num-labels {num_labels}{f' + --val-size {self.val_size}' if self.val_size else ''}"
                                  f" is more than {self.dataset}'s {info.train_size} training images")
+
+    def split_seed(self) -> int:
+        """The seed that chooses the labeled subset and the validation set: --label-seed, else --seed."""
+        return self.seed if self.label_seed is None else self.label_seed
 
     def network_family(self) -> str:
         """odena or salimans: --networks, or the recipe's own when it is auto."""

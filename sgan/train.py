@@ -256,7 +256,7 @@ def load_data(config: TrainConfig, accelerator, source: ImageSource | None = Non
                          "--val-size")
     pool_labels = np.asarray(source.labeled.labels)
     labeled, validation = split_labeled_pool(pool_labels, parse_num_labels(config.num_labels, builtin),
-                                             config.val_size, source.class_names, config.seed, builtin)
+                                             config.val_size, source.class_names, config.split_seed(), builtin)
     large = isinstance(source.labeled.images, np.memmap)
     store = torch.device("cpu") if large else device
     pool = as_tensor(source.labeled.images)
@@ -414,7 +414,7 @@ def write_run_record(config: TrainConfig, data: "RunData", output_dir: Path) -> 
     """config.yaml (what the continue command reads), labeled_indices.json and skipped_files.csv."""
     (output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     (output_dir / "labeled_indices.json").write_text(json.dumps(
-        {"dataset": data.source.name, "seed": config.seed, "num_labels": len(data.labeled_indices),
+        {"dataset": data.source.name, "seed": config.seed, "label_seed": config.split_seed(), "num_labels": len(data.labeled_indices),
          "class_names": list(data.source.class_names), "labeled_per_class": data.labeled_per_class(),
          "indices": data.labeled_indices.tolist(), "validation_indices": data.validation_indices.tolist()}))
     write_skipped(data.source.skipped, output_dir)

@@ -133,6 +133,24 @@ def test_validation_is_held_out_of_the_labeled_subset_and_the_unlabeled_stream(t
     assert np.array_equal(plain, select_labeled_indices(data.source.labeled.labels, 100, 10, 0))
 
 
+def test_label_seed_fixes_the_labeled_and_validation_images_while_seed_varies(tmp_path, mnist_root):
+    from accelerate import Accelerator
+
+    from sgan.train import load_data
+
+    def split(*flags):
+        config = parse_config(["--val-size", "100", "--num-labels", "20", "--cpu", "--data-root", str(mnist_root),
+                               *flags])
+        data = load_data(config, Accelerator(cpu=True))
+        return data.labeled_indices.tolist(), data.validation_indices.tolist()
+
+    fixed = split("--seed", "0", "--label-seed", "7")
+    assert split("--seed", "1", "--label-seed", "7") == fixed  # --seed no longer moves the labeled images
+    assert split("--seed", "7") == fixed  # --label-seed S chooses as --seed S does without it
+    plain = split("--seed", "0")
+    assert plain[0] != fixed[0] and plain[1] != fixed[1]
+
+
 def test_label_and_validation_budgets_that_cannot_be_met_say_why():
     with pytest.raises(ValueError, match="fewer than the 3 classes"):
         stratified_counts([5, 5, 5], 2, "--num-labels")

@@ -182,6 +182,7 @@ def test_learning_rate_holds_then_decays_linearly_to_zero():
         (["--ddp-timeout", "100000000000000"], "--ddp-timeout must be in [1, 10^9] seconds"),  # OverflowError
         (["--seed", str(2**64)], "--seed must be in [0, 2^64)"),  # "Overflow when unpacking long long"
         (["--seed", "-1"], "--seed must be in [0, 2^64)"),
+        (["--label-seed", "-1"], "--label-seed must be in [0, 2^64)"),
     ],
 )
 def test_bad_flags_exit_with_a_message(flags, message, capsys):
