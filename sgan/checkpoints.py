@@ -140,11 +140,18 @@ def find(resume: str, output_dir: Path) -> list[Path]:
             raise CheckpointError(f"--resume latest: no complete checkpoint under {checkpoints_root(output_dir)}; "
                                   "start without --resume, or pass a checkpoint folder")
         return found[::-1]
-    path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise CheckpointError(f"--resume {resume}: not a complete checkpoint folder (no {STATE_FILE} in it); "
-                              f"checkpoints live in OUTPUT_DIR/checkpoints/step_*")
-    return [path]
+    path = Path(resume).expanduser()
+    if (path / STATE_FILE).is_file():
+        return [path]
+    if not path.exists():
+        why = "no such folder"
+    elif complete_checkpoints(path):
+        why = (f"a run's folder, not one of its checkpoints: --resume {complete_checkpoints(path)[-1]} (its newest),"
+               f" or --resume latest with --output-dir {resume}")
+    else:
+        why = f"not a complete checkpoint folder (no {STATE_FILE} in it)"
+    raise CheckpointError(f"--resume {resume}: {why}; --resume takes `latest` (the newest checkpoint in "
+                          "--output-dir) or a folder OUTPUT_DIR/checkpoints/step_*")
 
 
 def comparable(settings: dict) -> dict:

@@ -71,6 +71,7 @@ def train(config: TrainConfig, source: ImageSource | None = None) -> dict:
         if config.recipe == "salimans":
             check_feature_layer(config.network_spec(data.source.image_shape, len(data.source.class_names)),
                                 config.feature_layer)
+        check_resume_source(config, accelerator, data)  # a bad --resume PATH must fail before --overwrite deletes
         held.enter_context(claim_output_dir(config, output_dir, accelerator))
         # From here a signal is a request the loop honours after its next step (a checkpoint, then a clean exit):
         # the folder is claimed, and config.yaml, which the continue command reads, must be written whole.
@@ -361,6 +362,17 @@ class Progress:
         return self.wall_before + time.perf_counter() - self.started
 
 
+def check_resume_source(config: TrainConfig, accelerator, data: RunData) -> None:
+    """--resume PATH (a checkpoint of this or another run) names a checkpoint this configuration can continue:
+    checked before claim_output_dir, whose --overwrite deletes the folder's run. (--resume latest reads the
+    folder's own checkpoints, which nothing deletes; resume() checks them, falling back past damaged ones.)"""
+    if config.resume in (None, "latest"):
+        return
+    path = checkpoints.find(config.resume, Path(config.output_dir))[0]
+    checkpoints.read_state(path, checkpoints.fingerprint(config, accelerator.num_processes, data.labeled_indices),
+                           TrainConfig.field_defaults())
+
+
 def resume(config: TrainConfig, accelerator, nets: Networks, data: RunData, schedule: Schedule) -> Progress:
     """A fresh Progress, or, with --resume, the checkpoint's models, optimisers, RNG states and history.
 
@@ -412,10 +424,13 @@ def continue_how(output_dir: Path, world_size: int, from_python: bool) -> str:
 
 def write_run_record(config: TrainConfig, data: "RunData", output_dir: Path) -> None:
     """config.yaml (what the continue command reads), labeled_indices.json and skipped_files.csv."""
-    (output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    # --resume and --overwrite say how this start treated the folder, not what the run is: a file that kept them
+    # would make `--config RUN/config.yaml --output-dir NEW` delete NEW's run, or resume where nothing is
+    settings = {**config.to_dict(), "resume": None, "overwrite": False}
+    (output_dir / "config.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
     (output_dir / "labeled_indices.json").write_text(json.dumps(
-        {"dataset": data.source.name, "seed": config.seed, "label_seed": config.split_seed(), "num_labels": len(data.labeled_indices),
-         "class_names": list(data.source.class_names), "labeled_per_class": data.labeled_per_class(),
+        {"dataset": data.source.name, "seed": config.seed, "label_seed": config.split_seed(),
+         "num_labels": len(data.labeled_indices), "class_names": list(data.source.class_names), "labeled_per_class": data.labeled_per_class(),
          "indices": data.labeled_indices.tolist(), "validation_indices": data.validation_indices.tolist()}))
     write_skipped(data.source.skipped, output_dir)
 

@@ -371,6 +371,48 @@ def test_resuming_another_runs_checkpoint_into_a_run_folder_is_refused(tmp_path,
                                     own)))["steps"] == 4
 
 
+@pytest.mark.parametrize("source, message", [
+    ("RUN", "a run's folder, not one of its checkpoints: --resume"),  # the run's folder for its checkpoint
+    ("lastest", "no such folder"),  # a typo of latest
+    ("OTHER", "was written by a different run configuration"),  # a checkpoint of a run with other settings
+])
+def test_a_bad_resume_source_with_overwrite_deletes_nothing(tmp_path, checkpointed, mnist_root, capsys, source,
+                                                            message):
+    """--overwrite deleted the folder's run before --resume PATH was read, and then the resume failed."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(checkpointed, run)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    other = checkpointed / "checkpoints" / "step_00000002"
+    resume_from = {"RUN": run, "OTHER": other}.get(source, source)
+    recipe = "odena" if source == "OTHER" else "supervised"
+    assert main(flags(run, mnist_root, "--max-steps", "4", "--recipe", recipe, "--resume", resume_from,
+                      "--overwrite")) == 1
+    assert message in capsys.readouterr().err
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_config_yaml_is_a_config_to_rerun_not_a_command_to_overwrite(tmp_path, checkpointed, mnist_root, capsys):
+    """A run started with --overwrite, or resumed, recorded overwrite: true / resume: latest in config.yaml, so
+    `--config RUN/config.yaml --output-dir ELSEWHERE` deleted ELSEWHERE's run (or resumed where nothing was)."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    train(parse_config(flags(run, mnist_root, "--max-steps", "2", "--recipe", "supervised", "--overwrite")))
+    train(parse_config(flags(run, mnist_root, "--max-steps", "3", "--recipe", "supervised", "--resume", "latest")))
+    recorded = yaml.safe_load((run / "config.yaml").read_text())
+    assert recorded["resume"] is None and recorded["overwrite"] is False
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(checkpointed, elsewhere)
+    before = {p.relative_to(elsewhere): p.read_bytes() for p in elsewhere.rglob("*") if p.is_file()}
+    assert main(["--config", str(run / "config.yaml"), "--output-dir", str(elsewhere)]) == 1
+    assert "holds a run already" in capsys.readouterr().err
+    assert {p.relative_to(elsewhere): p.read_bytes() for p in elsewhere.rglob("*") if p.is_file()} == before
+
+
 def test_an_output_dir_that_is_a_file_or_unwritable_is_a_message(tmp_path, mnist_root, capsys):
     (tmp_path / "file").write_text("x")
     assert main(flags(tmp_path / "file", mnist_root, "--max-steps", "1")) == 1
