@@ -32,10 +32,10 @@ import yaml
 from . import batches, checkpoints, ops
 from .batches import StepBatches
 from .config import LAUNCHED_AS, TrainConfig, parse_config
-from .data import (DataError, absolute_spec, as_tensor, is_builtin, open_source, parse_num_labels, split_labeled_pool,
-                   to_model_scale)
+from .data import (DataError, absolute_spec, as_tensor, is_builtin, open_source, own_images_path, parse_num_labels,
+                   split_labeled_pool, to_model_scale)
 from .evaluate import recorded
-from .images import ImageError, ImageSource
+from .images import SPLITS, ImageError, ImageSource
 from .losses import class_logits
 from .models import build_discriminator, build_generator, check_feature_layer
 from .steps import EMA, Networks, StepBatch, StepSettings, d_step, g_step
@@ -61,6 +61,7 @@ def train(config: TrainConfig, source: ImageSource | None = None) -> dict:
         config = replace(config, output_dir=os.path.expanduser(config.output_dir),  # --output-dir=~/runs: no shell
                          dataset=absolute_spec(config.dataset))  # the same folder from any directory
         config.validate()
+        check_output_outside_images(config)
         output_dir = Path(config.output_dir)
         accelerator = build_accelerator(config, output_dir)
         rank, world_size, device = accelerator.process_index, accelerator.num_processes, accelerator.device
@@ -360,6 +361,20 @@ class Progress:
 
     def wall_seconds(self) -> float:
         return self.wall_before + time.perf_counter() - self.started
+
+
+def check_output_outside_images(config: TrainConfig) -> None:
+    """A run's folder inside the image folder's labeled/, unlabeled/, val/ or test/ would add its own pictures
+    (samples.png: G's fakes) to those images the next time the folder is read."""
+    own = own_images_path(config.dataset)
+    if own is None or own[0] != "folder":
+        return
+    images, output_dir = Path(own[1]).resolve(), Path(config.output_dir).resolve()
+    for split in SPLITS:
+        if output_dir == images / split or images / split in output_dir.parents:
+            raise ValueError(f"--output-dir {config.output_dir} is inside {images / split}: the run's own pictures "
+                             f"(G's samples) would be read as {split} images the next time; choose an --output-dir "
+                             f"outside {images}/{'{'}{','.join(SPLITS)}{'}'}")
 
 
 def check_resume_source(config: TrainConfig, accelerator, data: RunData) -> None:

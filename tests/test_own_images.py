@@ -210,6 +210,18 @@ def test_evaluate_scores_the_validation_images_a_run_held_out(tmp_path, mnist_ro
     assert "validation_indices are not indices of mnist's 60000 labeled images" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("inside", ["labeled/circle/run", "unlabeled/runs/a", "test"])
+def test_an_output_dir_inside_the_image_folders_is_refused(tmp_path, folder, capsys, inside):
+    """There, the run's samples.png (G's fakes) became a labeled circle, or an unlabeled image, next time."""
+    import shutil
+
+    folder = Path(shutil.copytree(folder, tmp_path / "photos"))  # the shared folder stays clean if this fails
+    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    assert main(flags(folder / inside, "--dataset", f"folder:{folder}", "--max-steps", "1")) == 1
+    assert f"is inside {folder / inside.split('/')[0]}: the run's own pictures" in capsys.readouterr().err
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before  # nothing written there
+
+
 def test_a_folder_of_one_class_is_refused(tmp_path, capsys):
     rng = np.random.default_rng(3)
     (tmp_path / "one" / "labeled" / "cat").mkdir(parents=True)
