@@ -418,8 +418,10 @@ def resume(config: TrainConfig, accelerator, nets: Networks, data: RunData, sche
     return progress
 
 
+# What a run writes into --output-dir (sgan/: TensorBoard's folder), and what sgan.evaluate writes there by
+# default: --overwrite deletes them all, so no file of the old run is left to describe the new one.
 RUN_OUTPUTS = ("checkpoints", "model", "wandb", "sgan", "config.yaml", "labeled_indices.json", "metrics.json",
-               "samples.png", "skipped_files.csv")  # what a run writes into --output-dir (sgan/: TensorBoard's folder)
+               "samples.png", "skipped_files.csv", "evaluation.json", "confusion_matrix.png", "evaluation_samples.png")
 
 
 def continue_flags(output_dir: Path) -> str:

@@ -305,10 +305,14 @@ def test_a_new_run_into_a_run_folder_is_refused_or_overwritten(tmp_path, mnist_r
     assert "holds a run already" in err and "--resume latest" in err and "--overwrite" in err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before  # nothing of the old run deleted
     (out / "notes.txt").write_text("mine")
+    from sgan.evaluate import main as evaluate_main
+
+    assert evaluate_main([str(out), "--cpu", "--data-root", str(mnist_root)]) == 0  # writes into the run
     metrics = train(parse_config(flags(out, mnist_root, "--max-steps", "2", "--recipe", "supervised", "--overwrite")))
     assert metrics["steps"] == 2 and not metrics["resumed_from"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002"]  # the old run's are gone
     assert (out / "notes.txt").read_text() == "mine"  # only a run's own outputs are deleted
+    assert not (out / "evaluation.json").exists() and not (out / "confusion_matrix.png").exists()  # the old model's
 
 
 def test_a_folder_another_process_trains_in_is_refused(tmp_path, mnist_root, capsys):
