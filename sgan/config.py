@@ -294,6 +294,14 @@ def load_yaml_config(path: str) -> dict:
     return values
 
 
+def _finite_float(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if value == value and abs(value) != float("inf") else None
+
+
 def _typed_yaml_value(f: dataclasses.Field, value, path: str):
     """A YAML value checked against the field's type (argparse never sees file values): 2.5 is no step count,
     true is no number, null only where the flag has no default."""
@@ -307,6 +315,8 @@ def _typed_yaml_value(f: dataclasses.Field, value, path: str):
         return value
     if kind == "float" and number:
         return float(value)
+    if kind == "float" and isinstance(value, str) and _finite_float(value) is not None:
+        return _finite_float(value)  # YAML 1.1 (PyYAML) reads 1e-3, without a dot, as a string
     if kind == "str" and (isinstance(value, str) or (number and isinstance(value, int))):  # num_labels: 100
         return str(value)
     problem = yaml.safe_dump(value, default_flow_style=True).splitlines()[0]  # as the file spells it

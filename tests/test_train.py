@@ -316,6 +316,7 @@ def test_the_old_seed_recipe_name_in_a_config_file(tmp_path, capsys):
     ("seed: 1.5\n", "seed: 1.5 is not a whole number"),
     ("epochs: 1.5\n", "epochs: 1.5 is not a whole number"),
     ("checkpoint_every: true\n", "checkpoint_every: true is not a whole number"),
+    ("lr: fast\n", "lr: fast is not a number"),
     ("cpu: 1\n", "cpu: 1 is not true or false"),
 ])
 def test_yaml_values_of_the_wrong_type_exit_2_naming_the_key(tmp_path, capsys, text, message):
@@ -333,6 +334,9 @@ def test_yaml_values_of_the_right_type_are_kept(tmp_path):
     config = parse_config(["--config", str(config_file)])
     assert (config.num_labels, config.lr, config.max_steps, config.cpu) == ("50", 1.0, None, True)
     assert isinstance(config.lr, float)
+    config_file.write_text("lr: 1e-3\nadam_eps: 1E-8\n")  # strings to PyYAML (YAML 1.1 wants 1.0e-3)
+    config = parse_config(["--config", str(config_file)])
+    assert (config.lr, config.adam_eps) == (1e-3, 1e-8)
 
 
 def test_the_gan_beats_its_supervised_baseline_by_a_margin_a_broken_g_cannot_reach(tmp_path, mnist_root):
