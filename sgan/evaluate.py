@@ -493,6 +493,8 @@ def parse_inference_args(parser: argparse.ArgumentParser, argv: list[str] | None
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_inference_args(parser, argv)
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a file: give a folder to write evaluation.json and the PNGs into")
     try:
         device = "cpu" if args.cpu else args.device
         result = evaluate(Path(args.path), args.out, args.data_root, args.batch_size, device, args.dataset,

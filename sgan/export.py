@@ -98,7 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if Path(args.output).is_dir():
+        parser.error(f"--output {args.output} is a folder: give the file to write, e.g. "
+                     f"{Path(args.output) / 'model.pt2'}")
     try:
         metadata = export(args.run, args.output, args.device)
     except BAD_INPUT as error:

@@ -94,8 +94,8 @@ def _classify(classifier, batch, top_k: int, writer, errors: list) -> Counter:
 def build_parser() -> argparse.ArgumentParser:
     parser = run_tool_parser("python -m sgan.predict", __doc__)
     parser.add_argument("paths", metavar="PATH", nargs="+", help="image files, or folders searched recursively")
-    parser.add_argument("--output", required=True, help="the CSV file to write (unreadable files go to "
-                        "OUTPUT.errors.csv beside it)")
+    parser.add_argument("--output", required=True, help="the CSV file to write, e.g. preds.csv (unreadable "
+                        "files are listed in preds.errors.csv beside it)")
     parser.add_argument("--top-k", type=int, default=1, help="also write the next K-1 most probable classes and "
                         "their probabilities (default: 1)")
     parser.add_argument("--workers", type=int, default=None, help="processes decoding the images (default: the "
@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers is not None and args.workers < 1:
         parser.error("--workers must be >= 1")
     output = Path(args.output)
+    if output.is_dir():
+        parser.error(f"--output {output} is a folder: give the CSV file to write, e.g. {output / 'predictions.csv'}")
     try:
         classifier = load_classifier(args.run, args.device)
         if args.top_k > len(classifier.class_names):

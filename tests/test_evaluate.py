@@ -290,3 +290,21 @@ def test_a_checkpoint_with_a_moving_average_is_scored_by_it(mnist_root, tmp_path
     result = json.loads((checkpoint / "evaluation.json").read_text())
     assert result["weights"].endswith("ema.safetensors")
     assert round(result["test_accuracy"] * 10000) == round(reported_accuracy(run) * 10000)  # the same test images right
+
+
+@pytest.mark.parametrize("tool, flag, target, message", [
+    ("predict", "--output", "folder", "is a folder: give the CSV file to write"),
+    ("export", "--output", "folder", "is a folder: give the file to write"),
+    ("evaluate", "--out", "file", "is a file: give a folder to write evaluation.json"),
+])
+def test_an_output_of_the_wrong_kind_is_a_usage_error(tmp_path, capsys, tool, flag, target, message):
+    """Was the OS's '[Errno 21] Is a directory' (or 'File exists') after the run was loaded."""
+    import importlib
+
+    out = tmp_path / "out"
+    out.mkdir() if target == "folder" else out.write_text("mine")
+    images = [str(tmp_path)] if tool == "predict" else []
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(f"sgan.{tool}").main([str(tmp_path / "run"), *images, flag, str(out)])
+    assert exit_.value.code == 2 and f"{flag} {out} {message}" in capsys.readouterr().err
+    assert target == "folder" or out.read_text() == "mine"
