@@ -30,7 +30,8 @@ from .images import EXTENSIONS, load_images
 
 def find_images(paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """(image files, [(path, error)]): files as given, folders searched recursively in sorted order for image
-    files; a path that does not exist is an error entry, not fatal."""
+    files, each file once however many of the paths name it (a folder and its subfolder: one row each, not
+    two); a path that does not exist is an error entry, not fatal."""
     files, missing = [], []
     for path in paths:
         if os.path.isdir(path):
@@ -42,7 +43,10 @@ def find_images(paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
             files.append(path)  # named on the command line: tried whatever its extension
         else:
             missing.append((path, "no such file or folder"))
-    return files, missing
+    unique = {}
+    for file in files:
+        unique.setdefault(os.path.realpath(file), file)  # the first spelling of each file, in order
+    return list(unique.values()), missing
 
 
 def errors_file(output: Path) -> Path:

@@ -283,3 +283,16 @@ def test_wrong_inputs_are_refused_with_a_message(run, images, message):
 def test_a_batch_size_that_is_not_a_count_is_refused(run, batch_size):
     with pytest.raises(ValueError, match="it must be a whole number of images, 1 or more"):
         sgan.load_classifier(run).predict(torch.zeros(2, 1, 28, 28, dtype=torch.uint8), batch_size=batch_size)
+
+
+def test_a_file_named_by_two_paths_is_predicted_once(tmp_path):
+    """`predict RUN new new/circle` wrote new/circle's images twice and counted them twice."""
+    from sgan.predict import find_images
+
+    (tmp_path / "new" / "circle").mkdir(parents=True)
+    for name in ("new/a.png", "new/circle/b.png", "new/circle/c.png"):
+        Image.new("L", (4, 4)).save(tmp_path / name)
+    new, circle = str(tmp_path / "new"), str(tmp_path / "new" / "circle")
+    files, missing = find_images([new, circle, str(tmp_path / "new" / "circle" / "b.png"), str(tmp_path / "gone")])
+    assert files == [os.path.join(new, "a.png"), os.path.join(circle, "b.png"), os.path.join(circle, "c.png")]
+    assert missing == [(str(tmp_path / "gone"), "no such file or folder")]
