@@ -89,13 +89,39 @@ class CorruptCheckpoint(CheckpointError):
     """A checkpoint file cannot be read (damaged, truncated, or not what it should be)."""
 
 
-def fingerprint(config, world_size: int, labeled_indices) -> dict:
+# Flags a resume compares by what they resolved to, not as typed: --image-size and --channels by the image
+# shape (a folder's default size and --image-size 32 are one size), --num-labels by the labeled images.
+RESOLVED_FLAGS = ("image_size", "channels", "num_labels")
+
+
+def fingerprint(config, world_size: int, labeled_indices, image_shape) -> dict:
     """What a checkpoint must share with the run that resumes it: the config fields marked resume="match"
-    (sgan/config.py), the process count and the labeled subset."""
+    (sgan/config.py), the process count, the labeled subset and the shape of the images."""
     values = {key: getattr(config, key) for key in config.fields_to_match_on_resume()}
     values["world_size"] = world_size
     values["labeled_sha256"] = hashlib.sha256(json.dumps([int(i) for i in labeled_indices]).encode()).hexdigest()
+    values["image_shape"] = [int(n) for n in image_shape]
     return values
+
+
+def differences(theirs: dict, ours: dict) -> list[str]:
+    """How a checkpoint's fingerprint differs from this run's, said so a user knows which flag to change."""
+    found = []
+    for key, value in ours.items():
+        if key in RESOLVED_FLAGS or theirs.get(key) == value:
+            continue
+        if key == "image_shape":
+            if theirs.get(key) is None:  # checkpoints before the shape was recorded: the weights' shapes decide
+                continue
+            channels, size = theirs[key][0], theirs[key][-1]
+            found.append(f"the images are {'x'.join(map(str, value))} (C x H x W), the checkpoint's were "
+                         f"{'x'.join(map(str, theirs[key]))}: resume with --channels {channels} --image-size {size}")
+        elif key == "labeled_sha256":
+            found.append("the labeled images differ from the checkpoint's (the labeled folder, --num-labels, "
+                         "--seed or --label-seed changed)")
+        else:
+            found.append(f"{key}: checkpoint {theirs.get(key)!r}, this run {value!r}")
+    return found
 
 
 def checkpoints_root(output_dir: Path) -> Path:
@@ -172,11 +198,10 @@ def read_state(path: Path, expected_fingerprint: dict, defaults: dict | None = N
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CorruptCheckpoint(f"{path / STATE_FILE}: corrupt trainer state ({error}); resume from another "
                               "checkpoint or start again") from error
-    theirs = comparable({**(defaults or {}), **theirs})
-    differences = [f"{key}: checkpoint {theirs.get(key)!r}, this run {value!r}"
-                   for key, value in expected_fingerprint.items() if theirs.get(key) != value]
-    if differences:
-        raise CheckpointError(f"{path} was written by a different run configuration ({'; '.join(differences)}): "
+    theirs = comparable({**(defaults or {}), "image_shape": state.get("image_shape"), **theirs})
+    found = differences(theirs, expected_fingerprint)
+    if found:
+        raise CheckpointError(f"{path} was written by a different run configuration ({'; '.join(found)}): "
                               "resume with the same flags, or use another --output-dir")
     if step < 0:
         raise CorruptCheckpoint(f"{path / STATE_FILE}: invalid step {step}")

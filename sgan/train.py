@@ -377,6 +377,10 @@ def check_output_outside_images(config: TrainConfig) -> None:
                              f"outside {images}/{'{'}{','.join(SPLITS)}{'}'}")
 
 
+def run_fingerprint(config: TrainConfig, accelerator, data: RunData) -> dict:
+    return checkpoints.fingerprint(config, accelerator.num_processes, data.labeled_indices, data.source.image_shape)
+
+
 def check_resume_source(config: TrainConfig, accelerator, data: RunData) -> None:
     """--resume PATH (a checkpoint of this or another run) names a checkpoint this configuration can continue:
     checked before claim_output_dir, whose --overwrite deletes the folder's run. (--resume latest reads the
@@ -384,15 +388,14 @@ def check_resume_source(config: TrainConfig, accelerator, data: RunData) -> None
     if config.resume in (None, "latest"):
         return
     path = checkpoints.find(config.resume, Path(config.output_dir))[0]
-    checkpoints.read_state(path, checkpoints.fingerprint(config, accelerator.num_processes, data.labeled_indices),
-                           TrainConfig.field_defaults())
+    checkpoints.read_state(path, run_fingerprint(config, accelerator, data), TrainConfig.field_defaults())
 
 
 def resume(config: TrainConfig, accelerator, nets: Networks, data: RunData, schedule: Schedule) -> Progress:
     """A fresh Progress, or, with --resume, the checkpoint's models, optimisers, RNG states and history.
 
     With --resume latest, a damaged newest checkpoint falls back to the one before it, with a warning."""
-    progress = Progress(checkpoints.fingerprint(config, accelerator.num_processes, data.labeled_indices))
+    progress = Progress(run_fingerprint(config, accelerator, data))
     if not config.resume:
         return progress
     candidates = checkpoints.find(config.resume, Path(config.output_dir))

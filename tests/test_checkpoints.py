@@ -515,6 +515,25 @@ def test_a_setting_added_after_a_checkpoint_counts_as_its_default(tmp_path):
         read_state(tmp_path, {"lr": 0.0002, "entropy_weight": 0.0}, defaults)
 
 
+def test_a_resume_compares_what_the_flags_resolved_to_and_says_which_to_change(tmp_path):
+    """--image-size 32 against a folder run's default (None) is one size, and --num-labels all against auto one
+    subset; a grey folder that gained a colour image is another shape, which names the flags that resume it."""
+    from sgan.checkpoints import STATE_FILE, CheckpointError, read_state
+
+    theirs = {"image_size": None, "channels": None, "num_labels": "auto", "labeled_sha256": "a", "lr": 0.1}
+    (tmp_path / STATE_FILE).write_text(json.dumps({"step": 5, "fingerprint": theirs, "image_shape": [1, 32, 32]}))
+    ours = {"image_size": 32, "channels": 1, "num_labels": "all", "labeled_sha256": "a", "lr": 0.1,
+            "image_shape": [1, 32, 32]}
+    assert read_state(tmp_path, ours)["step"] == 5
+    with pytest.raises(CheckpointError, match=r"the images are 3x32x32 \(C x H x W\), the checkpoint's were "
+                                              r"1x32x32: resume with --channels 1 --image-size 32"):
+        read_state(tmp_path, {**ours, "image_shape": [3, 32, 32]})
+    with pytest.raises(CheckpointError, match="the labeled images differ from the checkpoint's"):
+        read_state(tmp_path, {**ours, "labeled_sha256": "b"})
+    (tmp_path / STATE_FILE).write_text(json.dumps({"step": 5, "fingerprint": theirs}))  # no shape recorded
+    assert read_state(tmp_path, {**ours, "image_shape": [3, 32, 32]})["step"] == 5
+
+
 def test_a_branch_that_failed_before_its_first_checkpoint_can_be_run_again(tmp_path, checkpointed, mnist_root,
                                                                            monkeypatch, capsys):
     """Its folder holds only config.yaml and labeled_indices.json: the same command runs it again. A branch

@@ -222,6 +222,16 @@ def test_an_output_dir_inside_the_image_folders_is_refused(tmp_path, folder, cap
     assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before  # nothing written there
 
 
+def test_a_folder_run_resumes_with_its_default_size_spelled_out(tmp_path, folder):
+    """Resumed with --image-size 32 (the README's value), a run started without it was refused: 'image_size:
+    checkpoint None, this run 32'."""
+    out = tmp_path / "run"
+    train(parse_config(flags(out, "--dataset", f"folder:{folder}", "--max-steps", "2", "--recipe", "supervised")))
+    metrics = train(parse_config(flags(out, "--dataset", f"folder:{folder}", "--max-steps", "3", "--recipe",
+                                       "supervised", "--image-size", "32", "--resume", "latest")))
+    assert metrics["steps"] == 3 and metrics["resumed_from"].endswith("step_00000002")
+
+
 def test_a_folder_of_one_class_is_refused(tmp_path, capsys):
     rng = np.random.default_rng(3)
     (tmp_path / "one" / "labeled" / "cat").mkdir(parents=True)

@@ -287,8 +287,8 @@ def test_every_config_field_says_whether_a_resumed_run_must_keep_it():
 
     for f in dataclasses.fields(TrainConfig):
         assert f.metadata.get("resume") in ON_RESUME, f"{f.name}: declare resume='match' or 'free'"
-    keys = set(fingerprint(parse_config([]), 1, [0, 1]))
-    assert {"recipe", "seed", "lr", "g_clip_norm", "networks", "world_size", "labeled_sha256"} <= keys
+    keys = set(fingerprint(parse_config([]), 1, [0, 1], (1, 28, 28)))
+    assert {"recipe", "seed", "lr", "g_clip_norm", "networks", "world_size", "labeled_sha256", "image_shape"} <= keys
     assert not {"epochs", "max_steps", "output_dir", "resume", "log_every"} & keys
 
 
