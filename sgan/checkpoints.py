@@ -196,8 +196,9 @@ def read_state(path: Path, expected_fingerprint: dict, defaults: dict | None = N
         state = read_json_object(path / STATE_FILE)
         step, theirs = int(state["step"]), dict(state["fingerprint"])
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise CorruptCheckpoint(f"{path / STATE_FILE}: corrupt trainer state ({error}); resume from another "
-                              "checkpoint or start again") from error
+        why = f"no {error} in it" if isinstance(error, KeyError) else error  # KeyError's text is the bare key
+        raise CorruptCheckpoint(f"{path / STATE_FILE}: corrupt trainer state ({why}); resume from another "
+                                "checkpoint or start again") from error
     theirs = comparable({**(defaults or {}), "image_shape": state.get("image_shape"), **theirs})
     found = differences(theirs, expected_fingerprint)
     if found:

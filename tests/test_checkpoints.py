@@ -532,6 +532,9 @@ def test_a_resume_compares_what_the_flags_resolved_to_and_says_which_to_change(t
         read_state(tmp_path, {**ours, "labeled_sha256": "b"})
     (tmp_path / STATE_FILE).write_text(json.dumps({"step": 5, "fingerprint": theirs}))  # no shape recorded
     assert read_state(tmp_path, {**ours, "image_shape": [3, 32, 32]})["step"] == 5
+    (tmp_path / STATE_FILE).write_text(json.dumps({"step": 5}))  # a file that is no trainer state
+    with pytest.raises(CheckpointError, match="corrupt trainer state \\(no 'fingerprint' in it\\)"):
+        read_state(tmp_path, ours)
 
 
 def test_a_branch_that_failed_before_its_first_checkpoint_can_be_run_again(tmp_path, checkpointed, mnist_root,
