@@ -78,6 +78,12 @@ def train(config: TrainConfig, source: ImageSource | None = None) -> dict:
         # the folder is claimed, and config.yaml, which the continue command reads, must be written whole.
         stop.arm()
         schedule = Schedule.of(config, len(data.unlabeled_rows), world_size)
+        if schedule.total_steps < FEW_STEPS and not config.max_steps:  # --epochs 1 on a small folder: ~10 steps
+            accelerator.print(
+                f"sgan: warning: {schedule.total_steps} steps in all ({schedule.epochs} epoch(s) of "
+                f"{schedule.steps_per_epoch}: {len(data.unlabeled_rows)} training images in batches of "
+                f"{config.batch_size} x {world_size}) is too few to learn much: raise --epochs (--epochs "
+                f"{math.ceil(FEW_STEPS / schedule.steps_per_epoch)} trains {FEW_STEPS:,}+ steps)")
         if config.max_steps and config.max_steps > schedule.schedule_steps:
             accelerator.print(f"sgan: --max-steps {config.max_steps} is more than the {schedule.schedule_steps} steps "
                               f"of --epochs {config.epochs}, so the run trains {schedule.schedule_steps}: --max-steps "
@@ -361,6 +367,9 @@ class Progress:
 
     def wall_seconds(self) -> float:
         return self.wall_before + time.perf_counter() - self.started
+
+
+FEW_STEPS = 500  # fewer steps in all is a warning (MNIST's one-epoch quick run is 600; runs learn for thousands)
 
 
 def check_output_outside_images(config: TrainConfig) -> None:

@@ -193,6 +193,17 @@ def test_max_steps_beyond_the_epochs_says_the_run_trains_the_epochs(tmp_path, fo
         capsys.readouterr().out
 
 
+def test_too_few_steps_in_all_is_a_warning_that_says_which_epochs_are_enough(tmp_path, folder, capsys):
+    """--epochs 1 (the default) on a small folder trained a handful of steps without a word."""
+    train(parse_config(flags(tmp_path / "run", "--dataset", f"folder:{folder}", "--recipe", "supervised")))
+    out = capsys.readouterr().out
+    assert "sgan: warning: 5 steps in all (1 epoch(s) of 5: 40 training images in batches of 8 x 1) is too few" \
+        in out and "--epochs 100 trains 500+ steps" in out
+    train(parse_config(flags(tmp_path / "more", "--dataset", f"folder:{folder}", "--recipe", "supervised",
+                             "--epochs", "100", "--max-steps", "3")))
+    assert "too few to learn much" not in capsys.readouterr().out
+
+
 def test_evaluate_scores_the_validation_images_a_run_held_out(tmp_path, mnist_root, capsys):
     """--split val of a --val-size run scores the images training held out (it said the source had none)."""
     from sgan.evaluate import main as evaluate_main
