@@ -89,33 +89,52 @@ class CorruptCheckpoint(CheckpointError):
     """A checkpoint file cannot be read (damaged, truncated, or not what it should be)."""
 
 
-# Flags a resume compares by what they resolved to, not as typed: --image-size and --channels by the image
-# shape (a folder's default size and --image-size 32 are one size), --num-labels by the labeled images.
-RESOLVED_FLAGS = ("image_size", "channels", "num_labels")
+# Flags compared by what they resolved to, not as typed: --image-size and --channels by the image shape (a
+# folder's default size and --image-size 32 are one size), --num-labels by the labeled images, --label-seed by
+# the seed that chose them (split_seed: --label-seed, else --seed).
+RESOLVED_FLAGS = ("image_size", "channels", "num_labels", "label_seed")
+IMAGE_FLAGS = ("image_size", "channels")  # as typed still, against checkpoints that recorded no image shape
 
 
 def fingerprint(config, world_size: int, labeled_indices, image_shape) -> dict:
     """What a checkpoint must share with the run that resumes it: the config fields marked resume="match"
-    (sgan/config.py), the process count, the labeled subset and the shape of the images."""
+    (sgan/config.py), the process count, the labeled subset, the seed that chose it and the image shape."""
     values = {key: getattr(config, key) for key in config.fields_to_match_on_resume()}
     values["world_size"] = world_size
     values["labeled_sha256"] = hashlib.sha256(json.dumps([int(i) for i in labeled_indices]).encode()).hexdigest()
+    values["split_seed"] = config.split_seed()
     values["image_shape"] = [int(n) for n in image_shape]
     return values
 
 
+def with_resolved(theirs: dict, state: dict) -> dict:
+    """A checkpoint's fingerprint with the resolved values older checkpoints lack: the image shape (recorded
+    beside the fingerprint since 29fa67a) and the split seed (--label-seed if recorded, else --seed)."""
+    split_seed = theirs.get("label_seed") if theirs.get("label_seed") is not None else theirs.get("seed")
+    return {"image_shape": state.get("image_shape"), "split_seed": split_seed, **theirs}
+
+
+def is_image_shape(value) -> bool:
+    return isinstance(value, list) and len(value) == 3 and \
+        all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in value)
+
+
 def differences(theirs: dict, ours: dict) -> list[str]:
     """How a checkpoint's fingerprint differs from this run's, said so a user knows which flag to change."""
+    shape_known = theirs.get("image_shape") is not None
     found = []
     for key, value in ours.items():
-        if key in RESOLVED_FLAGS or theirs.get(key) == value:
+        if theirs.get(key) == value or (key in RESOLVED_FLAGS and (shape_known or key not in IMAGE_FLAGS)):
             continue
         if key == "image_shape":
-            if theirs.get(key) is None:  # checkpoints before the shape was recorded: the weights' shapes decide
+            if not shape_known:  # checkpoints before 29fa67a: --image-size and --channels as typed instead
                 continue
             channels, size = theirs[key][0], theirs[key][-1]
             found.append(f"the images are {'x'.join(map(str, value))} (C x H x W), the checkpoint's were "
                          f"{'x'.join(map(str, theirs[key]))}: resume with --channels {channels} --image-size {size}")
+        elif key == "split_seed":
+            found.append(f"the labeled and validation images were chosen with seed {theirs[key]!r}, this run's with "
+                         f"{value!r}: resume with --label-seed {theirs[key]!r}")
         elif key == "labeled_sha256":
             found.append("the labeled images differ from the checkpoint's (the labeled folder, --num-labels, "
                          "--seed or --label-seed changed)")
@@ -199,7 +218,11 @@ def read_state(path: Path, expected_fingerprint: dict, defaults: dict | None = N
         why = f"no {error} in it" if isinstance(error, KeyError) else error  # KeyError's text is the bare key
         raise CorruptCheckpoint(f"{path / STATE_FILE}: corrupt trainer state ({why}); resume from another "
                                 "checkpoint or start again") from error
-    theirs = comparable({**(defaults or {}), "image_shape": state.get("image_shape"), **theirs})
+    theirs = comparable(with_resolved({**(defaults or {}), **theirs}, state))
+    if theirs["image_shape"] is not None and not is_image_shape(theirs["image_shape"]):
+        raise CorruptCheckpoint(f"{path / STATE_FILE}: corrupt trainer state (its image_shape "
+                                f"{theirs['image_shape']!r} is not [channels, height, width]); resume from another "
+                                "checkpoint or start again")
     found = differences(theirs, expected_fingerprint)
     if found:
         raise CheckpointError(f"{path} was written by a different run configuration ({'; '.join(found)}): "

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoints import STATE_FILE, comparable, read_json_object
+from .checkpoints import RESOLVED_FLAGS, STATE_FILE, comparable, read_json_object
 from .config import TrainConfig, load_yaml_config
 from .data import (DATASETS, DEFAULT_IMAGE_SIZE, DataError, as_tensor, is_builtin, open_source, own_images_path,
                    to_model_scale)
@@ -216,7 +216,8 @@ def check_record(record: Record, config: TrainConfig, config_file: Path) -> None
     ours = comparable({key: getattr(config, key) for key in config.fields_to_match_on_resume()})
     theirs = comparable(record.settings)
     differences = [f"{key}: config.yaml {getattr(config, key)!r}, the weights {record.settings[key]!r}"
-                   for key in ours if key in theirs and theirs[key] != ours[key]]
+                   for key in ours if key in theirs and theirs[key] != ours[key]
+                   and key not in RESOLVED_FLAGS]  # a resumed run may spell these otherwise (the shape is checked)
     if differences:
         raise EvaluationError(f"{config_file} does not describe the weights it sits with ({'; '.join(differences)}; "
                               f"the weights' own record: {record.file}): restore the config.yaml the run wrote")

@@ -313,6 +313,11 @@ def test_a_new_run_into_a_run_folder_is_refused_or_overwritten(tmp_path, mnist_r
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002"]  # the old run's are gone
     assert (out / "notes.txt").read_text() == "mine"  # only a run's own outputs are deleted
     assert not (out / "evaluation.json").exists() and not (out / "confusion_matrix.png").exists()  # the old model's
+    evaluated = tmp_path / "evaluated"  # an evaluate --out folder is no run: a run may start there, as before
+    evaluated.mkdir()
+    (evaluated / "evaluation.json").write_text("{}")
+    assert train(parse_config(flags(evaluated, mnist_root, "--max-steps", "1", "--recipe", "supervised")))["steps"] == 1
+    assert (evaluated / "evaluation.json").read_text() == "{}"
 
 
 def test_a_folder_another_process_trains_in_is_refused(tmp_path, mnist_root, capsys):
@@ -516,23 +521,35 @@ def test_a_setting_added_after_a_checkpoint_counts_as_its_default(tmp_path):
 
 
 def test_a_resume_compares_what_the_flags_resolved_to_and_says_which_to_change(tmp_path):
-    """--image-size 32 against a folder run's default (None) is one size, and --num-labels all against auto one
-    subset; a grey folder that gained a colour image is another shape, which names the flags that resume it."""
-    from sgan.checkpoints import STATE_FILE, CheckpointError, read_state
+    """--image-size 32 against a folder run's default (None) is one size, --num-labels all against auto one
+    subset, --label-seed 0 against --seed 0 one seed; a grey folder that gained a colour image is another shape,
+    which names the flags that resume it."""
+    from sgan.checkpoints import STATE_FILE, CheckpointError, CorruptCheckpoint, read_state
 
-    theirs = {"image_size": None, "channels": None, "num_labels": "auto", "labeled_sha256": "a", "lr": 0.1}
-    (tmp_path / STATE_FILE).write_text(json.dumps({"step": 5, "fingerprint": theirs, "image_shape": [1, 32, 32]}))
-    ours = {"image_size": 32, "channels": 1, "num_labels": "all", "labeled_sha256": "a", "lr": 0.1,
-            "image_shape": [1, 32, 32]}
+    def state(**fields):
+        (tmp_path / STATE_FILE).write_text(json.dumps({"step": 5, **fields}))
+
+    theirs = {"image_size": None, "channels": None, "num_labels": "auto", "labeled_sha256": "a", "seed": 0,
+              "label_seed": None}
+    state(fingerprint=theirs, image_shape=[1, 32, 32])
+    ours = {"image_size": 32, "channels": 1, "num_labels": "all", "labeled_sha256": "a", "seed": 0,
+            "label_seed": 0, "split_seed": 0, "image_shape": [1, 32, 32]}
     assert read_state(tmp_path, ours)["step"] == 5
     with pytest.raises(CheckpointError, match=r"the images are 3x32x32 \(C x H x W\), the checkpoint's were "
                                               r"1x32x32: resume with --channels 1 --image-size 32"):
         read_state(tmp_path, {**ours, "image_shape": [3, 32, 32]})
     with pytest.raises(CheckpointError, match="the labeled images differ from the checkpoint's"):
         read_state(tmp_path, {**ours, "labeled_sha256": "b"})
-    (tmp_path / STATE_FILE).write_text(json.dumps({"step": 5, "fingerprint": theirs}))  # no shape recorded
-    assert read_state(tmp_path, {**ours, "image_shape": [3, 32, 32]})["step"] == 5
-    (tmp_path / STATE_FILE).write_text(json.dumps({"step": 5}))  # a file that is no trainer state
+    with pytest.raises(CheckpointError, match="chosen with seed 0, this run's with 7: resume with --label-seed 0"):
+        read_state(tmp_path, {**ours, "label_seed": 7, "split_seed": 7})
+    state(fingerprint=theirs, image_shape=3)  # damaged: a clear error, not a TypeError
+    with pytest.raises(CorruptCheckpoint, match="its image_shape 3 is not"):
+        read_state(tmp_path, ours)
+    state(fingerprint=theirs)  # before 29fa67a no shape was recorded: the flags count as typed
+    assert read_state(tmp_path, {**ours, "image_size": None, "channels": None})["step"] == 5
+    with pytest.raises(CheckpointError, match="image_size: checkpoint None, this run 32"):
+        read_state(tmp_path, ours)
+    state()  # a file that is no trainer state
     with pytest.raises(CheckpointError, match="corrupt trainer state \\(no 'fingerprint' in it\\)"):
         read_state(tmp_path, ours)
 

@@ -221,26 +221,36 @@ def test_evaluate_scores_the_validation_images_a_run_held_out(tmp_path, mnist_ro
     assert "validation_indices are not indices of mnist's 60000 labeled images" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("inside", ["labeled/circle/run", "unlabeled/runs/a", "test"])
+@pytest.mark.parametrize("inside", ["labeled/circle/run", "unlabeled/runs/a", "test", "SYMLINKED/run"])
 def test_an_output_dir_inside_the_image_folders_is_refused(tmp_path, folder, capsys, inside):
     """There, the run's samples.png (G's fakes) became a labeled circle, or an unlabeled image, next time."""
     import shutil
 
     folder = Path(shutil.copytree(folder, tmp_path / "photos"))  # the shared folder stays clean if this fails
-    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
-    assert main(flags(folder / inside, "--dataset", f"folder:{folder}", "--max-steps", "1")) == 1
-    assert f"is inside {folder / inside.split('/')[0]}: the run's own pictures" in capsys.readouterr().err
-    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before  # nothing written there
+    output_dir, split = folder / inside, inside.split("/")[0]
+    if split == "SYMLINKED":  # labeled/ is a link: its target is the same folder by another name
+        (folder / "labeled").rename(tmp_path / "kept")
+        (folder / "labeled").symlink_to(tmp_path / "kept")
+        output_dir, split = tmp_path / "kept" / "run", "labeled"
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert main(flags(output_dir, "--dataset", f"folder:{folder}", "--max-steps", "1")) == 1
+    assert f"is inside {folder / split}: the run's own pictures" in capsys.readouterr().err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written there
 
 
-def test_a_folder_run_resumes_with_its_default_size_spelled_out(tmp_path, folder):
+def test_a_folder_run_resumes_with_its_defaults_spelled_out(tmp_path, folder):
     """Resumed with --image-size 32 (the README's value), a run started without it was refused: 'image_size:
-    checkpoint None, this run 32'."""
+    checkpoint None, this run 32'; so were --num-labels all and --label-seed equal to --seed. Its older
+    checkpoint, beside the new config.yaml, is still evaluated."""
+    from sgan.evaluate import main as evaluate_main
+
     out = tmp_path / "run"
     train(parse_config(flags(out, "--dataset", f"folder:{folder}", "--max-steps", "2", "--recipe", "supervised")))
     metrics = train(parse_config(flags(out, "--dataset", f"folder:{folder}", "--max-steps", "3", "--recipe",
-                                       "supervised", "--image-size", "32", "--resume", "latest")))
+                                       "supervised", "--image-size", "32", "--num-labels", "all", "--label-seed", "0",
+                                       "--resume", "latest")))
     assert metrics["steps"] == 3 and metrics["resumed_from"].endswith("step_00000002")
+    assert evaluate_main([str(out / "checkpoints" / "step_00000002"), "--cpu", "--out", str(tmp_path / "ev")]) == 0
 
 
 def test_a_folder_of_one_class_is_refused(tmp_path, capsys):
