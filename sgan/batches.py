@@ -68,8 +68,10 @@ def steps_per_epoch(size: int, batch_size: int, world_size: int = 1) -> int:
     """Full global batches in one pass over `size` images (the remainder rolls into the next pass)."""
     steps = size // (batch_size * world_size)
     if steps < 1:
+        fix = f"lower --batch-size to {size // world_size} or less, or add images" if size >= world_size else \
+            f"add images (each of the {world_size} processes needs one a step), or use fewer processes"
         raise ValueError(f"--batch-size {batch_size} x {world_size} process(es) is larger than the {size} training images: "
-                         f"lower --batch-size to {max(1, size // world_size)} or less, or add images")
+                         f"{fix}")
     return steps
 
 

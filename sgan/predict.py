@@ -30,8 +30,8 @@ from .images import EXTENSIONS, load_images
 
 def find_images(paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """(image files, [(path, error)]): files as given, folders searched recursively in sorted order for image
-    files, each file once however many of the paths name it (a folder and its subfolder: one row each, not
-    two); a path that does not exist is an error entry, not fatal."""
+    files, each path once however many of the given paths reach it (a folder and its subfolder: one row per
+    image, not two); a path that does not exist is an error entry, not fatal."""
     files, missing = [], []
     for path in paths:
         if os.path.isdir(path):
@@ -44,8 +44,8 @@ def find_images(paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
         else:
             missing.append((path, "no such file or folder"))
     unique = {}
-    for file in files:
-        unique.setdefault(os.path.realpath(file), file)  # the first spelling of each file, in order
+    for file in files:  # the first spelling of each path, in order (a symlink to a listed image keeps its row)
+        unique.setdefault(os.path.normpath(os.path.abspath(file)), file)
     return list(unique.values()), missing
 
 

@@ -379,8 +379,10 @@ def check_output_outside_images(config: TrainConfig) -> None:
     if own is None or own[0] != "folder":
         return
     images, output_dir = Path(own[1]).resolve(), Path(config.output_dir).resolve()
+    existing = [folder for folder in (output_dir, *output_dir.parents) if folder.exists()]
     for split in SPLITS:
-        if output_dir == images / split or images / split in output_dir.parents:
+        # samefile: the same folder by any spelling (a symlinked labeled/, a case-insensitive file system)
+        if (images / split).is_dir() and any(os.path.samefile(folder, images / split) for folder in existing):
             raise ValueError(f"--output-dir {config.output_dir} is inside {images / split}: the run's own pictures "
                              f"(G's samples) would be read as {split} images the next time; choose an --output-dir "
                              f"outside {images}/{'{'}{','.join(SPLITS)}{'}'}")
@@ -430,10 +432,11 @@ def resume(config: TrainConfig, accelerator, nets: Networks, data: RunData, sche
     return progress
 
 
-# What a run writes into --output-dir (sgan/: TensorBoard's folder), and what sgan.evaluate writes there by
-# default: --overwrite deletes them all, so no file of the old run is left to describe the new one.
 RUN_OUTPUTS = ("checkpoints", "model", "wandb", "sgan", "config.yaml", "labeled_indices.json", "metrics.json",
-               "samples.png", "skipped_files.csv", "evaluation.json", "confusion_matrix.png", "evaluation_samples.png")
+               "samples.png", "skipped_files.csv")  # what a run writes into --output-dir (sgan/: TensorBoard's folder)
+# What sgan.evaluate writes into a run by default: --overwrite deletes them with the run, so nothing of the old
+# model is left to describe the new one. Alone (an evaluate --out folder) they are no run, and are left be.
+EVALUATION_OUTPUTS = ("evaluation.json", "confusion_matrix.png", "evaluation_samples.png")
 
 
 def continue_flags(output_dir: Path) -> str:
@@ -504,7 +507,7 @@ def claim_output_dir(config: TrainConfig, output_dir: Path, accelerator):
         output_dir.mkdir(parents=True, exist_ok=True)
         lock.enter_context(checkpoints.lock_folder(output_dir))
         if found and (not config.resume or branch):
-            for name in found:
+            for name in found + [name for name in EVALUATION_OUTPUTS if (output_dir / name).exists()]:
                 target = output_dir / name
                 shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
         with tempfile.TemporaryFile(dir=output_dir):  # writable? (an existing read-only folder is not)

@@ -47,6 +47,8 @@ def test_steps_per_epoch_and_errors():
     assert steps_per_epoch(60000, 100, 2) == 300
     with pytest.raises(ValueError, match="larger than the 50 training images: lower --batch-size to 25 or less"):
         steps_per_epoch(50, 40, 2)
+    with pytest.raises(ValueError, match="larger than the 1 training images: add images"):
+        steps_per_epoch(1, 4, 2)  # lowering --batch-size cannot help
     with pytest.raises(ValueError, match="empty set"):
         IndexStream(0, 0, "labeled")
 

@@ -293,6 +293,8 @@ def test_a_file_named_by_two_paths_is_predicted_once(tmp_path):
     for name in ("new/a.png", "new/circle/b.png", "new/circle/c.png"):
         Image.new("L", (4, 4)).save(tmp_path / name)
     new, circle = str(tmp_path / "new"), str(tmp_path / "new" / "circle")
+    os.symlink(tmp_path / "new" / "a.png", tmp_path / "new" / "latest.png")  # another name: a row of its own
     files, missing = find_images([new, circle, str(tmp_path / "new" / "circle" / "b.png"), str(tmp_path / "gone")])
-    assert files == [os.path.join(new, "a.png"), os.path.join(circle, "b.png"), os.path.join(circle, "c.png")]
+    assert files == [os.path.join(new, "a.png"), os.path.join(new, "latest.png"), os.path.join(circle, "b.png"),
+                     os.path.join(circle, "c.png")]
     assert missing == [(str(tmp_path / "gone"), "no such file or folder")]
