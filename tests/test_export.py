@@ -101,9 +101,6 @@ def test_a_checkpoint_exports_and_bad_runs_fail_with_a_message(digits_npz, tmp_p
 
 def test_an_output_that_cannot_be_written_fails_with_a_message(digits_npz, tmp_path, capsys):
     run = short_run(tmp_path / "run", digits_npz, "--recipe", "supervised")
-    (tmp_path / "folder").mkdir()
-    capsys.readouterr()
-    for output, why in ((tmp_path / "folder", "[Errno 21] Is a directory"),
-                        ("/proc/sgan.pt2", "[Errno 2] No such file or directory")):
-        assert main([str(run), "--output", str(output)]) == 1
-        assert capsys.readouterr().err == f"error: {why}: '{output}'\n"  # one line, as sgan.predict's
+    capsys.readouterr()  # (a folder as --output is a usage error: test_evaluate.py)
+    assert main([str(run), "--output", "/proc/sgan.pt2"]) == 1
+    assert capsys.readouterr().err == "error: [Errno 2] No such file or directory: '/proc/sgan.pt2'\n"  # one line
