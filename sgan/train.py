@@ -91,6 +91,9 @@ def train(config: TrainConfig, source: ImageSource | None = None) -> dict:
         nets = build_networks(config, data, accelerator)
         settings = step_settings(config, ops.resolve_backend(config.loss_backend, device))
         progress = resume(config, accelerator, nets, data, schedule)
+        if accelerator.is_main_process and is_branch(config, output_dir):
+            delete_run_outputs(output_dir)  # only now that the other run's checkpoint loaded (--overwrite, or no
+            # progress of its own: claim_output_dir refused the rest), and before its metrics.json is read below
         finished = recorded(output_dir / "metrics.json") if progress.start_step == schedule.total_steps else {}
         if finished:  # a damaged metrics.json is written again by the final evaluation below
             accelerator.print(f"sgan: the run in {output_dir} has finished its {schedule.total_steps} steps already; "
@@ -475,7 +478,8 @@ def holds_run(output_dir: Path) -> bool:
 
 def claim_output_dir(config: TrainConfig, output_dir: Path, accelerator):
     """--output-dir must be a writable folder (made if missing) that holds no other run, unless the run resumes
-    it (--resume) or replaces it (--overwrite deletes the old run's outputs, and nothing else). Files of a
+    it (--resume) or replaces it (--overwrite deletes the old run's outputs, and nothing else; for a branch from
+    another run's checkpoint, train deletes them once that checkpoint has loaded). Files of a
     run's names that no run wrote (a user's model/ or config.yaml, the sgan/ package) are never deleted.
     Returns the folder's lock, held until the caller closes it (on the main process; a no-op elsewhere): no
     second process trains in the folder meanwhile."""
@@ -490,9 +494,7 @@ def claim_output_dir(config: TrainConfig, output_dir: Path, accelerator):
         raise ValueError(f"--output-dir {output_dir} holds a run already ({', '.join(found)}): continue it with "
                          "--resume latest, start it again with --overwrite (deletes its checkpoints and outputs), "
                          "or choose another --output-dir")
-    own_checkpoints = checkpoints.checkpoints_root(output_dir).resolve()
-    branch = config.resume not in (None, "latest") and \
-        own_checkpoints not in Path(config.resume).expanduser().resolve().parents  # another run's checkpoint
+    branch = is_branch(config, output_dir)
     progress = checkpoints.complete_checkpoints(output_dir) or (output_dir / "metrics.json").is_file() or \
         (output_dir / "model").is_dir()  # not just the config.yaml of a branch that failed before its checkpoint
     if branch and progress and not config.overwrite:
@@ -506,10 +508,8 @@ def claim_output_dir(config: TrainConfig, output_dir: Path, accelerator):
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         lock.enter_context(checkpoints.lock_folder(output_dir))
-        if found and (not config.resume or branch):
-            for name in found + [name for name in EVALUATION_OUTPUTS if (output_dir / name).exists()]:
-                target = output_dir / name
-                shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+        if found and not config.resume:  # a branch's old run is deleted once its checkpoint has loaded (train)
+            delete_run_outputs(output_dir)
         with tempfile.TemporaryFile(dir=output_dir):  # writable? (an existing read-only folder is not)
             pass
     except OSError as error:
@@ -517,6 +517,26 @@ def claim_output_dir(config: TrainConfig, output_dir: Path, accelerator):
         raise ValueError(f"--output-dir {output_dir}: cannot write there ({error.strerror or error}): choose a "
                          "folder you can write to") from error
     return lock
+
+
+def is_branch(config: TrainConfig, output_dir: Path) -> bool:
+    """--resume names another run's checkpoint (not one under --output-dir/checkpoints)."""
+    own_checkpoints = checkpoints.checkpoints_root(output_dir).resolve()
+    return config.resume not in (None, "latest") and \
+        own_checkpoints not in Path(config.resume).expanduser().resolve().parents
+
+
+def delete_run_outputs(output_dir: Path) -> None:
+    """The files and folders a run (and sgan.evaluate, by default) wrote into output_dir; nothing else, and
+    nothing where no run is (an evaluate --out folder keeps its files)."""
+    if not any((output_dir / name).exists() for name in RUN_OUTPUTS):
+        return
+    for name in RUN_OUTPUTS + EVALUATION_OUTPUTS:
+        target = output_dir / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
 
 
 def learning_rate(config: TrainConfig, step: int, schedule_steps: int) -> float:

@@ -384,6 +384,7 @@ def test_resuming_another_runs_checkpoint_into_a_run_folder_is_refused(tmp_path,
     ("RUN", "a run's folder, not one of its checkpoints: --resume"),  # the run's folder for its checkpoint
     ("lastest", "no such folder"),  # a typo of latest
     ("OTHER", "was written by a different run configuration"),  # a checkpoint of a run with other settings
+    ("DAMAGED", "cannot load the checkpoint"),  # its trainer state is fine, its weights are cut short
 ])
 def test_a_bad_resume_source_with_overwrite_deletes_nothing(tmp_path, checkpointed, mnist_root, capsys, source,
                                                             message):
@@ -394,12 +395,31 @@ def test_a_bad_resume_source_with_overwrite_deletes_nothing(tmp_path, checkpoint
     shutil.copytree(checkpointed, run)
     before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
     other = checkpointed / "checkpoints" / "step_00000002"
-    resume_from = {"RUN": run, "OTHER": other}.get(source, source)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(other, damaged)
+    (damaged / "model.safetensors").write_bytes((damaged / "model.safetensors").read_bytes()[:100])
+    resume_from = {"RUN": run, "OTHER": other, "DAMAGED": damaged}.get(source, source)
     recipe = "odena" if source == "OTHER" else "supervised"
     assert main(flags(run, mnist_root, "--max-steps", "4", "--recipe", recipe, "--resume", resume_from,
                       "--overwrite")) == 1
     assert message in capsys.readouterr().err
     assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_a_branch_at_its_last_step_over_a_finished_run_reports_itself(tmp_path, checkpointed, mnist_root):
+    """The old run is deleted once the branch's checkpoint has loaded, before 'finished already' reads the
+    folder's metrics.json: it must be the branch's, not the replaced run's."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(checkpointed, run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**metrics, "test_accuracy": 0.123}))  # the replaced run's
+    step = checkpointed / "checkpoints" / "step_00000002"
+    branch = train(parse_config(flags(run, mnist_root, "--max-steps", "2", "--recipe", "supervised", "--resume", step,
+                                      "--overwrite")))
+    assert branch["resumed_from"] == str(step) and branch["test_accuracy"] != 0.123
+    assert json.loads((run / "metrics.json").read_text())["resumed_from"] == str(step)
 
 
 def test_config_yaml_is_a_config_to_rerun_not_a_command_to_overwrite(tmp_path, checkpointed, mnist_root, capsys):
