@@ -70,8 +70,8 @@ def steps_per_epoch(size: int, batch_size: int, world_size: int = 1) -> int:
     if steps < 1:
         fix = f"lower --batch-size to {size // world_size} or less, or add images" if size >= world_size else \
             f"add images (each of the {world_size} processes needs one a step), or use fewer processes"
-        raise ValueError(f"--batch-size {batch_size} x {world_size} process(es) is larger than the {size} training images: "
-                         f"{fix}")
+        raise ValueError(f"--batch-size {batch_size} x {world_size} process(es) is larger than the {size} training "
+                         f"images: {fix}")
     return steps
 
 

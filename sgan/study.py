@@ -506,7 +506,8 @@ def plan_cells(args, plan: list[Cell], extra: list[str]) -> list[tuple[str, Path
     (prefix, folder, train command without its resume flags, which run_planned adds)."""
     study_dir = args.study_dir
     states = [cell_state(cell.directory(study_dir)) for cell in plan]
-    print(f"sgan.study: {len(plan)} run{'' if len(plan) == 1 else 's'} under {study_dir / 'runs'}: {states.count('done')} done, "
+    runs = f"{len(plan)} run{'' if len(plan) == 1 else 's'}"
+    print(f"sgan.study: {runs} under {study_dir / 'runs'}: {states.count('done')} done, "
           f"{states.count('resume')} to resume, {states.count('new')} to start")
     todo = []
     for i, (cell, state) in enumerate(zip(plan, states), 1):

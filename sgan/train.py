@@ -78,26 +78,12 @@ def train(config: TrainConfig, source: ImageSource | None = None) -> dict:
         # the folder is claimed, and config.yaml, which the continue command reads, must be written whole.
         stop.arm()
         schedule = Schedule.of(config, len(data.unlabeled_rows), world_size)
-        if schedule.total_steps < FEW_STEPS and not config.max_steps:  # --epochs 1 on a small folder: ~10 steps
-            accelerator.print(
-                f"sgan: warning: {schedule.total_steps} steps in all ({schedule.epochs} epoch(s) of "
-                f"{schedule.steps_per_epoch}: {len(data.unlabeled_rows)} training images in batches of "
-                f"{config.batch_size} x {world_size}) is too few to learn much: raise --epochs (--epochs "
-                f"{math.ceil(FEW_STEPS / schedule.steps_per_epoch)} trains {FEW_STEPS:,}+ steps)")
-        if config.max_steps and config.max_steps > schedule.schedule_steps:
-            accelerator.print(f"sgan: --max-steps {config.max_steps} is more than the {schedule.schedule_steps} steps "
-                              f"of --epochs {config.epochs}, so the run trains {schedule.schedule_steps}: --max-steps "
-                              "only cuts a run short; raise --epochs to train longer")
+        warn_about_schedule(config, schedule, accelerator, len(data.unlabeled_rows))
         nets = build_networks(config, data, accelerator)
         settings = step_settings(config, ops.resolve_backend(config.loss_backend, device))
         progress = resume(config, accelerator, nets, data, schedule)
-        if accelerator.is_main_process and is_branch(config, output_dir):
-            delete_run_outputs(output_dir)  # only now that the other run's checkpoint loaded (--overwrite, or no
-            # progress of its own: claim_output_dir refused the rest), and before its metrics.json is read below
-        finished = recorded(output_dir / "metrics.json") if progress.start_step == schedule.total_steps else {}
-        if finished:  # a damaged metrics.json is written again by the final evaluation below
-            accelerator.print(f"sgan: the run in {output_dir} has finished its {schedule.total_steps} steps already; "
-                              "nothing to do (raise --epochs or --max-steps to train on)")
+        finished = after_resume(config, accelerator, output_dir, progress, schedule)
+        if finished:
             return finished
 
         if accelerator.is_main_process:
@@ -375,6 +361,21 @@ class Progress:
 FEW_STEPS = 500  # fewer steps in all is a warning (MNIST's one-epoch quick run is 600; runs learn for thousands)
 
 
+def warn_about_schedule(config: TrainConfig, schedule: Schedule, accelerator, train_size: int) -> None:
+    """Say when the steps are not what the flags suggest: too few to learn (--epochs 1 on a small folder: ~10
+    steps), or fewer than --max-steps asked for."""
+    if schedule.total_steps < FEW_STEPS and not config.max_steps:
+        accelerator.print(
+            f"sgan: warning: {schedule.total_steps} steps in all ({schedule.epochs} epoch(s) of "
+            f"{schedule.steps_per_epoch}: {train_size} training images in batches of "
+            f"{config.batch_size} x {accelerator.num_processes}) is too few to learn much: raise --epochs (--epochs "
+            f"{math.ceil(FEW_STEPS / schedule.steps_per_epoch)} trains {FEW_STEPS:,}+ steps)")
+    if config.max_steps and config.max_steps > schedule.schedule_steps:
+        accelerator.print(f"sgan: --max-steps {config.max_steps} is more than the {schedule.schedule_steps} steps "
+                          f"of --epochs {config.epochs}, so the run trains {schedule.schedule_steps}: --max-steps "
+                          "only cuts a run short; raise --epochs to train longer")
+
+
 def check_output_outside_images(config: TrainConfig) -> None:
     """A run's folder inside the image folder's labeled/, unlabeled/, val/ or test/ would add its own pictures
     (samples.png: G's fakes) to those images the next time the folder is read."""
@@ -435,6 +436,19 @@ def resume(config: TrainConfig, accelerator, nets: Networks, data: RunData, sche
     return progress
 
 
+def after_resume(config: TrainConfig, accelerator, output_dir: Path, progress: Progress, schedule: Schedule) -> dict:
+    """A branch's replaced run is deleted, now that the other run's checkpoint has loaded (--overwrite, or no
+    progress of its own: claim_output_dir refused the rest). Returns the metrics of a run that has finished
+    already (nothing to do), else {}."""
+    if accelerator.is_main_process and is_branch(config, output_dir):
+        delete_run_outputs(output_dir)  # before the replaced run's metrics.json could be read below
+    finished = recorded(output_dir / "metrics.json") if progress.start_step == schedule.total_steps else {}
+    if finished:  # a damaged metrics.json is written again by the final evaluation
+        accelerator.print(f"sgan: the run in {output_dir} has finished its {schedule.total_steps} steps already; "
+                          "nothing to do (raise --epochs or --max-steps to train on)")
+    return finished
+
+
 RUN_OUTPUTS = ("checkpoints", "model", "wandb", "sgan", "config.yaml", "labeled_indices.json", "metrics.json",
                "samples.png", "skipped_files.csv")  # what a run writes into --output-dir (sgan/: TensorBoard's folder)
 # What sgan.evaluate writes into a run by default: --overwrite deletes them with the run, so nothing of the old
@@ -465,8 +479,8 @@ def write_run_record(config: TrainConfig, data: "RunData", output_dir: Path) -> 
     (output_dir / "config.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
     (output_dir / "labeled_indices.json").write_text(json.dumps(
         {"dataset": data.source.name, "seed": config.seed, "label_seed": config.split_seed(),
-         "num_labels": len(data.labeled_indices), "class_names": list(data.source.class_names), "labeled_per_class": data.labeled_per_class(),
-         "indices": data.labeled_indices.tolist(), "validation_indices": data.validation_indices.tolist()}))
+         "num_labels": len(data.labeled_indices), "class_names": list(data.source.class_names),
+         "labeled_per_class": data.labeled_per_class(), "indices": data.labeled_indices.tolist(), "validation_indices": data.validation_indices.tolist()}))
     write_skipped(data.source.skipped, output_dir)
 
 
