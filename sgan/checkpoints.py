@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .config import split_seed
 from .data import absolute_spec
 
 try:
@@ -110,8 +111,9 @@ def fingerprint(config, world_size: int, labeled_indices, image_shape) -> dict:
 def with_resolved(theirs: dict, state: dict) -> dict:
     """A checkpoint's fingerprint with the resolved values older checkpoints lack: the image shape (recorded
     beside the fingerprint since 29fa67a) and the split seed (--label-seed if recorded, else --seed)."""
-    split_seed = theirs.get("label_seed") if theirs.get("label_seed") is not None else theirs.get("seed")
-    return {"image_shape": state.get("image_shape"), "split_seed": split_seed, **theirs}
+    resolved = {"image_shape": state.get("image_shape"),
+                "split_seed": split_seed(theirs.get("seed"), theirs.get("label_seed"))}
+    return {**resolved, **theirs}
 
 
 def is_image_shape(value) -> bool:

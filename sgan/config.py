@@ -41,6 +41,12 @@ TRACKERS = ("wandb", "tensorboard", "none")
 ON_RESUME = ("match", "free")  # a resumed run must keep the field's value, or may change it
 
 
+def split_seed(seed, label_seed):
+    """--label-seed, else --seed: the seed that chose a run's labeled and validation images (also for the
+    settings a checkpoint recorded, where older ones have no label_seed)."""
+    return seed if label_seed is None else label_seed
+
+
 def option(default, help: str, *, resume: str, choices: tuple | None = None):
     """A TrainConfig field: its default, its --help, and whether a resumed run must keep its value."""
     assert resume in ON_RESUME, resume
@@ -201,7 +207,7 @@ class TrainConfig:
 
     def split_seed(self) -> int:
         """The seed that chooses the labeled subset and the validation set: --label-seed, else --seed."""
-        return self.seed if self.label_seed is None else self.label_seed
+        return split_seed(self.seed, self.label_seed)
 
     def network_family(self) -> str:
         """odena or salimans: --networks, or the recipe's own when it is auto."""
@@ -315,8 +321,8 @@ def _typed_yaml_value(f: dataclasses.Field, value, path: str):
         return value
     if kind == "float" and number:
         return float(value)
-    if kind == "float" and isinstance(value, str) and _finite_float(value) is not None:
-        return _finite_float(value)  # YAML 1.1 (PyYAML) reads 1e-3, without a dot, as a string
+    if kind == "float" and isinstance(value, str) and (parsed := _finite_float(value)) is not None:
+        return parsed  # YAML 1.1 (PyYAML) reads 1e-3, without a dot, as a string
     if kind == "str" and (isinstance(value, str) or (number and isinstance(value, int))):  # num_labels: 100
         return str(value)
     problem = yaml.safe_dump(value, default_flow_style=True).splitlines()[0]  # as the file spells it
